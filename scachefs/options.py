@@ -1,0 +1,158 @@
+"""Mount options: parse ``-o a=b,c`` the way mount(8) and fstab users expect.
+
+Unknown options are an error that names the option, so a typo in fstab fails the
+mount loudly instead of being silently ignored. Options that only mean something
+to mount(8), fstab or systemd are accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable
+
+# Options mount(8), fstab and systemd use for themselves; they reach us through
+# mount.fuse3 and mean nothing to the daemon.
+IGNORED_OPTIONS = frozenset(
+    {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner",
+     "group", "rw", "async", "loop"}
+)
+IGNORED_PREFIXES = ("x-", "comment=", "x-systemd.")
+
+# Generic VFS mount flags that libfuse understands and applies to the kernel mount.
+KERNEL_FLAGS = frozenset(
+    {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+     "relatime", "norelatime", "strictatime", "nodiratime", "sync", "dirsync"}
+)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class OptionError(ValueError):
+    """A mount option that is unknown or has a bad value; the message names it."""
+
+
+@dataclasses.dataclass
+class MountOptions:
+    """Everything ``-o`` can set, with the defaults a user gets without it."""
+
+    allow_other: bool = False
+    kernel_flags: tuple[str, ...] = ()
+    cache_size: int | None = None  # bytes; None means "a fraction of RAM", see cache_budget()
+    chunk_size: int = 64 << 10
+    attr_timeout: float = 10.0
+    entry_timeout: float = 10.0
+    threads: int = 16
+    max_tasks: int = 128
+
+    def cache_budget(self) -> int:
+        """The cache budget in bytes: the option, or a quarter of physical RAM."""
+        if self.cache_size is not None:
+            return self.cache_size
+        return physical_memory() // 4
+
+
+def physical_memory() -> int:
+    """Physical RAM in bytes (sysconf), for percentage sizes and defaults."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_size(text: str, name: str) -> int:
+    """Parse ``512M``, ``2G``, ``1.5GiB``, ``1048576`` or ``25%`` (of RAM) into bytes."""
+    value = text.strip()
+    if value.endswith("%"):
+        try:
+            pct = float(value[:-1])
+        except ValueError:
+            raise OptionError(f"option {name}: bad percentage {text!r}") from None
+        if not 0 < pct <= 90:
+            raise OptionError(f"option {name}: percentage must be in (0, 90], got {text!r}")
+        return int(physical_memory() * pct / 100)
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise OptionError(f"option {name}: bad size {text!r} (use e.g. 512M, 2G, 25%)")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _parse_float(text: str, name: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise OptionError(f"option {name}: not a number: {text!r}") from None
+    if not low <= value <= high:
+        raise OptionError(f"option {name}: must be between {low:g} and {high:g}, got {text!r}")
+    return value
+
+
+def _parse_int(text: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise OptionError(f"option {name}: not an integer: {text!r}") from None
+    if not low <= value <= high:
+        raise OptionError(f"option {name}: must be between {low} and {high}, got {text!r}")
+    return value
+
+
+def split_option_string(text: str) -> list[str]:
+    """Split ``a=b,c`` on commas, honouring backslash-escaped commas as mount(8) does."""
+    items: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in text:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_options(option_strings: Iterable[str]) -> MountOptions:
+    """Turn every ``-o`` argument into one MountOptions; later options win."""
+    opts = MountOptions()
+    flags: list[str] = []
+    for text in option_strings:
+        for item in split_option_string(text):
+            name, sep, value = item.partition("=")
+            if item in IGNORED_OPTIONS or item.startswith(IGNORED_PREFIXES):
+                continue
+            if item in KERNEL_FLAGS:
+                flags.append(item)
+                continue
+            if name == "allow_other" and not sep:
+                opts.allow_other = True
+            elif name == "default_permissions" and not sep:
+                pass  # always on: the kernel checks permissions against the store's modes
+            elif not sep:
+                raise OptionError(f"unknown mount option {item!r} (see scachefs --help)")
+            elif name == "cache_size":
+                opts.cache_size = parse_size(value, name)
+            elif name == "chunk_size":
+                size = parse_size(value, name)
+                if size < 4096 or size > (1 << 20) or size & (size - 1):
+                    raise OptionError(
+                        f"option chunk_size: must be a power of two from 4K to 1M, got {value!r}"
+                    )
+                opts.chunk_size = size
+            elif name == "attr_timeout":
+                opts.attr_timeout = _parse_float(value, name, 0, 86400)
+            elif name == "entry_timeout":
+                opts.entry_timeout = _parse_float(value, name, 0, 86400)
+            elif name == "threads":
+                opts.threads = _parse_int(value, name, 1, 1024)
+            elif name == "max_tasks":
+                opts.max_tasks = _parse_int(value, name, 1, 4096)
+            else:
+                raise OptionError(f"unknown mount option {name!r} (see scachefs --help)")
+    opts.kernel_flags = tuple(dict.fromkeys(flags))
+    return opts

@@ -1,0 +1,64 @@
+"""The few Linux calls the os module lacks: renameat2, fchownat/utimensat with AT_EMPTY_PATH.
+
+They act on O_PATH descriptors directly, so the daemon never resolves a name in
+the store for them. All of them block; call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
+                           ctypes.c_int]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec),
+                            ctypes.c_int]
+
+
+def _check(ret: int) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def renameat2(old_dirfd: int, old: bytes, new_dirfd: int, new: bytes, flags: int) -> None:
+    """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE, relative to directory fds."""
+    _check(_libc.renameat2(old_dirfd, old, new_dirfd, new, flags))
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """Change owner of the object behind an O_PATH fd (a symlink itself, not its target).
+
+    -1 leaves that id unchanged.
+    """
+    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF,
+                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set atime and/or mtime of the object behind an O_PATH fd; None leaves a time as is."""
+    times = (_Timespec * 2)()
+    for slot, value in ((0, atime_ns), (1, mtime_ns)):
+        if value is None:
+            times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_OMIT
+        else:
+            times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
