@@ -37,6 +37,8 @@ mount options (-o name[=value],...):
   attr_timeout=SEC     how long the kernel may cache attributes (default 10)
   entry_timeout=SEC    how long the kernel may cache name lookups (default 10)
   threads=N            worker threads for store I/O (default 16)
+  log_file=PATH        also log to this file (default: stderr in the foreground; the
+                       journal under systemd; syslog once detached)
   max_tasks=N          FUSE requests served concurrently (default 128)
   defaults, auto, noauto, nofail, _netdev, user, users, rw, x-*, comment=*
                        fstab and systemd options: accepted and ignored
@@ -70,10 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool, to_syslog: bool = False) -> None:
-    """Log to stderr (and so to the journal under systemd), or to syslog when detached."""
+class _KernelGaveUpFilter(logging.Filter):
+    """Demote pyfuse3's error for replies the kernel no longer waits for.
+
+    Writing a reply fails with ENOENT when the request was interrupted or the
+    mount went away meanwhile (e.g. a release racing an unmount): nothing is lost,
+    so it is not an error an operator must act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pyfuse3" and "failed with No such file or directory" in (
+                record.getMessage()):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def setup_logging(debug: bool, to_syslog: bool = False, log_file: str | None = None) -> None:
+    """Log to stderr (and so to the journal under systemd), a file, or syslog when detached."""
     handler: logging.Handler
-    if to_syslog and os.path.exists("/dev/log"):
+    if log_file:
+        handler = logging.handlers.WatchedFileHandler(log_file)  # logrotate-friendly
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s scachefs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    elif to_syslog and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("scachefs[%(process)d]: %(levelname)s "
                                                "%(name)s: %(message)s"))
@@ -81,6 +103,7 @@ def setup_logging(debug: bool, to_syslog: bool = False) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
             "%(asctime)s scachefs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_KernelGaveUpFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -190,6 +213,7 @@ def _daemonize(run: Callable[[Callable[[], None]], None]) -> int:
 
     def ready() -> None:
         nonlocal reported
+        _detach_output()
         os.write(write_fd, b"ok\n")
         os.close(write_fd)
         reported = True
@@ -210,6 +234,33 @@ def _daemonize(run: Callable[[Callable[[], None]], None]) -> int:
     os._exit(code)
 
 
+def _stderr_is_journal() -> bool:
+    """True when stderr is systemd's journal stream (then it stays the log)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def _detach_output() -> None:
+    """Let go of the caller's stdout/stderr once mounted, so `$(scachefs ...)` returns.
+
+    Logs then go to the journal (stderr under systemd), a log_file if one was given,
+    or syslog (/dev/log).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    root = logging.getLogger()
+    if not _stderr_is_journal():
+        if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
+               for h in root.handlers) and os.path.exists("/dev/log"):
+            setup_logging(root.level == logging.DEBUG, to_syslog=True)
+        os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def _close_quietly(fd: int) -> None:
     try:
         os.close(fd)
@@ -225,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as exc:
         print(f"scachefs: {exc}", file=sys.stderr)
         return 2
+    if opts.log_file:
+        try:
+            setup_logging(args.debug, log_file=opts.log_file)
+        except OSError as exc:
+            print(f"scachefs: cannot open log_file {opts.log_file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint)
 

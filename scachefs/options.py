@@ -46,6 +46,7 @@ class MountOptions:
     entry_timeout: float = 10.0
     threads: int = 16
     max_tasks: int = 128
+    log_file: str | None = None
 
     def cache_budget(self) -> int:
         """The cache budget in bytes: the option, or a quarter of physical RAM."""
@@ -150,6 +151,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 opts.entry_timeout = _parse_float(value, name, 0, 86400)
             elif name == "threads":
                 opts.threads = _parse_int(value, name, 1, 1024)
+            elif name == "log_file":
+                opts.log_file = os.path.abspath(value)
             elif name == "max_tasks":
                 opts.max_tasks = _parse_int(value, name, 1, 4096)
             else:

@@ -108,7 +108,7 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
+class Passthrough(pyfuse3.Operations):
     """All FUSE operations as a passthrough of the store directory."""
 
     supports_dot_lookup = True

@@ -39,3 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scachefs mount of {mount[0]} at {os.path.realpath(args.mountpoint)}: "
           "no stats yet")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ runs it in a thread behind one ``trio.CapacityLimiter`` (the ``threads`` option)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import TypeVar, TypeVarTuple
 
 import trio
 
@@ -21,6 +21,6 @@ class WorkerPool:
     def __init__(self, threads: int) -> None:
         self.limiter = trio.CapacityLimiter(threads)
 
-    async def run(self, fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> T:
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """Run ``fn(*args)`` in a worker thread; OSError propagates with its errno."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

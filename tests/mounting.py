@@ -1,0 +1,124 @@
+"""Real scachefs mounts for integration tests: start the daemon, wait, unmount, check its log."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Log lines that a test may have provoked on purpose are listed per mount in `allow`.
+_BAD_LOG = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
+
+
+def require_tool(name: str) -> str:
+    """Path of a tool the tests need; fail loudly (never skip) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is not installed: run `make test`, whose setup installs it")
+    return path
+
+
+def run(*cmd: str | os.PathLike[str], check: bool = True, user: str | None = None,
+        timeout: float = 300, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture text output, raise with its output when it fails."""
+    args = [os.fspath(c) for c in cmd]
+    if user is not None:
+        args = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *args]
+    proc = subprocess.run(args, capture_output=True, timeout=timeout,
+                          input=input, check=False)
+    result = subprocess.CompletedProcess(args, proc.returncode,
+                                         proc.stdout.decode(errors="replace"),
+                                         proc.stderr.decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed with {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def mount_type(path: Path) -> tuple[str, str] | None:
+    """(source, fstype) of the topmost mount exactly at path."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4].encode().decode("unicode_escape") == target:
+                found = (fields[sep + 2], fields[sep + 1])
+    return found
+
+
+class Mount:
+    """A scachefs daemon in the foreground, serving `source` at `mountpoint`."""
+
+    def __init__(self, source: Path, mountpoint: Path, options: list[str],
+                 log_path: Path, allow: tuple[str, ...] = (), debug: bool = False) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.log_path = log_path
+        self.allow = allow
+        args = [sys.executable, "-m", "scachefs", str(source), str(mountpoint), "-f"]
+        if options:
+            args += ["-o", ",".join(options)]
+        if debug:
+            args.append("--debug")
+        self._log = open(log_path, "ab")  # closed in unmount() or kill()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self._wait_live()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_live(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"scachefs exited with {self.proc.returncode}:\n{self.log()}")
+            if "mount is live" in self.log():
+                mt = mount_type(self.mountpoint)
+                assert mt is not None and mt[1] == "fuse.scachefs", mt
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"scachefs did not come up in {timeout}s:\n{self.log()}")
+
+    def unmount(self) -> None:
+        """Unmount with fusermount3 -u and wait for the daemon to exit cleanly."""
+        if self.proc.poll() is None:
+            run(require_tool("fusermount3"), "-u", self.mountpoint, timeout=30)
+        try:
+            code = self.proc.wait(timeout=30)
+        finally:
+            self._log.close()
+        assert code == 0, f"scachefs exited with {code}:\n{self.log()}"
+
+    def bad_log_lines(self) -> list[str]:
+        """Tracebacks and ERROR lines that the test did not declare as expected."""
+        return [line for line in self.log().splitlines()
+                if _BAD_LOG.search(line) and not any(a in line for a in self.allow)]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True,
+                       check=False)
+        self._log.close()
+
+
+def daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def drop_caches() -> None:
+    """Drop the kernel's page, dentry and inode caches (makes FUSE send forgets)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")

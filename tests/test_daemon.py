@@ -1,0 +1,84 @@
+"""The scachefs command: background start, failures, signals, findmnt, --help, scachefs-stat."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.mounting import mount_type, run
+
+SCACHEFS = [sys.executable, "-m", "scachefs"]
+
+
+def wait_gone(mnt: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while mount_type(mnt) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mount_type(mnt) is None, "still mounted"
+
+
+def test_background_mount_is_live_when_the_command_returns(store: Path, mnt: Path) -> None:
+    (store / "hello").write_bytes(b"hi")
+    result = run(*SCACHEFS, store, mnt, "-o", "defaults,noauto,nofail,_netdev,"
+                 "x-systemd.requires=foo.service,allow_other")
+    try:
+        assert result.returncode == 0
+        # No polling: the command returned only once the mount answered.
+        assert (mnt / "hello").read_bytes() == b"hi"
+        findmnt = run("findmnt", "-n", "-o", "SOURCE,TARGET,FSTYPE", mnt).stdout.split()
+        assert findmnt == [str(store), str(mnt), "fuse.scachefs"]
+        assert f"{store} on {mnt} type fuse.scachefs" in run("mount").stdout
+    finally:
+        run("fusermount3", "-u", mnt)
+    wait_gone(mnt)
+
+
+def test_sigterm_unmounts_cleanly(store: Path, mnt: Path) -> None:
+    proc = subprocess.Popen([*SCACHEFS, str(store), str(mnt), "-f"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while mount_type(mnt) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mount_type(mnt) == (str(store), "fuse.scachefs")
+    os.listdir(mnt)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert b"received SIGTERM, unmounting" in err
+    assert b"Traceback" not in err
+    wait_gone(mnt)
+
+
+def test_failed_mount_reports_and_exits_non_zero(store: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    result = run(*SCACHEFS, store, missing, check=False)
+    assert result.returncode == 1
+    assert "cannot use MOUNTPOINT" in result.stderr and "mkdir -p" in result.stderr
+    result = run(*SCACHEFS, tmp_path / "no-store", store, check=False)
+    assert result.returncode == 1 and "cannot open SOURCE" in result.stderr
+
+
+def test_unknown_option_is_named(store: Path, mnt: Path) -> None:
+    result = run(*SCACHEFS, store, mnt, "-o", "allow_other,cache_sise=1G", check=False)
+    assert result.returncode == 2
+    assert "cache_sise" in result.stderr
+    assert mount_type(mnt) is None
+
+
+def test_help_lists_every_option() -> None:
+    out = run(*SCACHEFS, "--help").stdout
+    for word in ("SOURCE", "MOUNTPOINT", "--foreground", "--debug", "allow_other",
+                 "cache_size", "chunk_size", "attr_timeout", "entry_timeout", "threads",
+                 "max_tasks", "log_file", "nofail", "x-*"):
+        assert word in out, word
+
+
+def test_stat_refuses_a_path_that_is_not_a_mount(tmp_path: Path) -> None:
+    result = run(sys.executable, "-m", "scachefs.stat", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "is not a scachefs mount" in result.stderr
+    result = run(Path(sys.executable).parent / "scachefs-stat", "/proc", check=False)
+    assert result.returncode != 0 and "not a scachefs mount" in result.stderr
