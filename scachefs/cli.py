@@ -20,8 +20,8 @@ import pyfuse3
 import trio
 
 from scachefs import __version__
+from scachefs.fs import ScacheFS
 from scachefs.options import MountOptions, OptionError, parse_options
-from scachefs.passthrough import Passthrough
 
 log = logging.getLogger("scachefs")
 
@@ -147,7 +147,7 @@ def _check_dirs(source: str, mountpoint: str) -> int:
     return root_fd
 
 
-async def _serve(ops: Passthrough, mountpoint: str, max_tasks: int,
+async def _serve(ops: ScacheFS, mountpoint: str, max_tasks: int,
                  ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -165,6 +165,7 @@ async def _serve(ops: Passthrough, mountpoint: str, max_tasks: int,
 
         nursery.start_soon(on_signals)
         nursery.start_soon(wait_ready)
+        await ops.background(nursery)
         await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
         nursery.cancel_scope.cancel()
 
@@ -174,7 +175,7 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
     """Mount, serve until unmounted or signalled, then clean up. Raises MountError."""
     root_fd = _check_dirs(source, mountpoint)
     os.umask(0)  # modes from callers arrive with their umask already applied
-    ops = Passthrough(root_fd, opts)
+    ops = ScacheFS(root_fd, opts, source, mountpoint)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(source, opts, debug))
     except RuntimeError as exc:

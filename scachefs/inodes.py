@@ -34,6 +34,10 @@ class Inode:
     key: tuple[int, int]  # (st_dev, st_ino) in the store
     mode: int  # file type bits; the type of an object never changes
     nlookup: int = 0
+    # Where the kernel last found this object: (parent inode number, name). Used to
+    # resolve relative backing file names the way qemu does, from the image's directory.
+    parent: int = 0
+    name: bytes = b""
 
     @property
     def is_dir(self) -> bool:
@@ -75,10 +79,11 @@ class InodeTable:
             return st.st_ino
         return 0
 
-    def ref(self, fd: int, st: os.stat_result) -> Inode:
-        """Count one kernel lookup of the object behind ``fd`` (an O_PATH fd we now own).
+    def ref(self, fd: int, st: os.stat_result, parent: int = 0, name: bytes = b"") -> Inode:
+        """Count one kernel lookup of ``name`` in ``parent``: the object behind ``fd``.
 
-        If the object is already known, ``fd`` is closed and the existing entry is used.
+        ``fd`` is an O_PATH descriptor we now own; if the object is already known it
+        is closed and the existing entry is used.
         """
         key = (st.st_dev, st.st_ino)
         inode = self._by_key.get(key)
@@ -93,7 +98,31 @@ class InodeTable:
             self._by_ino[ino] = inode
             self._by_key[key] = inode
         inode.nlookup += 1
+        if parent:
+            inode.parent, inode.name = parent, name
         return inode
+
+    def find(self, st: os.stat_result) -> Inode | None:
+        """The entry of a store object, if the kernel knows it."""
+        return self._by_key.get((st.st_dev, st.st_ino))
+
+    def relpath(self, inode: Inode) -> bytes | None:
+        """The object's path relative to the store root, from the names the kernel used.
+
+        None when an ancestor is no longer known (the kernel pins the ancestors of
+        every object it references, so this is rare).
+        """
+        parts: list[bytes] = []
+        node = inode
+        for _ in range(4096):
+            if node is self.root:
+                return b"/".join(reversed(parts))
+            parts.append(node.name)
+            parent = self._by_ino.get(node.parent)
+            if parent is None or not node.name:
+                return None
+            node = parent
+        return None
 
     def forget(self, ino: int, count: int) -> None:
         """Drop ``count`` kernel references; the entry and its fd go when none remain.

@@ -60,6 +60,10 @@ class OpenFile:
     inode: Inode
     flags: int
 
+    @property
+    def writable(self) -> bool:
+        return self.flags & os.O_ACCMODE != os.O_RDONLY
+
 
 @dataclasses.dataclass(eq=False)
 class OpenDir:
@@ -163,8 +167,9 @@ class Passthrough(pyfuse3.Operations):
         gid = -1 if parent_mode & stat.S_ISGID else ctx.gid  # setgid dirs pass on their group
         return ctx.uid, gid
 
-    async def _register(self, fd: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        inode = self.table.ref(fd, st)
+    async def _register(self, fd: int, st: os.stat_result, parent: Inode,
+                        name: bytes) -> pyfuse3.EntryAttributes:
+        inode = self.table.ref(fd, st, parent.ino, name)
         return self._entry(inode.ino, st)
 
     async def _make(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext,
@@ -187,7 +192,7 @@ class Passthrough(pyfuse3.Operations):
             return fd, st
 
         fd, st = await self.workers.run(work)
-        return await self._register(fd, st)
+        return await self._register(fd, st, parent, name)
 
     # ----------------------------------------------------------------- lookups
     @fuse_errors
@@ -199,7 +204,7 @@ class Passthrough(pyfuse3.Operations):
             parent.nlookup += 1
             return self._entry(parent.ino, st)
         fd, st = await self.workers.run(_open_path, parent.fd, name)
-        return await self._register(fd, st)
+        return await self._register(fd, st, parent, name)
 
     @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -268,7 +273,16 @@ class Passthrough(pyfuse3.Operations):
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
-        await self.workers.run(lambda: os.unlink(name, dir_fd=parent.fd))
+
+        def work() -> os.stat_result:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            os.unlink(name, dir_fd=parent.fd)
+            return st
+
+        self.unlinked(await self.workers.run(work))
+
+    def unlinked(self, st: os.stat_result) -> None:
+        """Hook: a name of the object ``st`` (stat before the unlink) was removed."""
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -280,7 +294,19 @@ class Passthrough(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old = self._inode(parent_inode_old)
         new = self._inode(parent_inode_new)
-        await self.workers.run(syscalls.renameat2, old.fd, name_old, new.fd, name_new, flags)
+
+        def work() -> list[tuple[os.stat_result, Inode, bytes]]:
+            syscalls.renameat2(old.fd, name_old, new.fd, name_new, flags)
+            moved = [(new, name_new)]
+            if flags & syscalls.RENAME_EXCHANGE:
+                moved.append((old, name_old))
+            return [(os.stat(name, dir_fd=parent.fd, follow_symlinks=False), parent, name)
+                    for parent, name in moved]
+
+        for st, parent, name in await self.workers.run(work):
+            inode = self.table.find(st)
+            if inode is not None:
+                inode.parent, inode.name = parent.ino, name
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -294,6 +320,7 @@ class Passthrough(pyfuse3.Operations):
 
         st = await self.workers.run(work)
         node.nlookup += 1  # the kernel counts the new entry as a lookup of this inode
+        node.parent, node.name = parent.ino, new_name
         return self._entry(node.ino, st)
 
     # -------------------------------------------------------------------- files
@@ -334,7 +361,7 @@ class Passthrough(pyfuse3.Operations):
                 raise
 
         fd, path_fd, st = await self.workers.run(work)
-        inode = self.table.ref(path_fd, st)
+        inode = self.table.ref(path_fd, st, parent.ino, name)
         fh = self._new_fh()
         self.files[fh] = OpenFile(fd, inode, flags)
         return (pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False),
@@ -411,7 +438,7 @@ class Passthrough(pyfuse3.Operations):
             batch = names[index:index + _READDIR_BATCH]
             opened = await self.workers.run(_open_paths, handle.fd, batch)
             for pos, (offset, name, fd, st) in enumerate(opened):
-                inode = self.table.ref(fd, st)
+                inode = self.table.ref(fd, st, handle.inode.ino, name)
                 if not pyfuse3.readdir_reply(token, name, self._entry(inode.ino, st),
                                              index + offset + 1):
                     self.table.forget(inode.ino, 1)

@@ -62,3 +62,31 @@ def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
         else:
             times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
+
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc.syscall.restype = ctypes.c_long
+
+
+def open_beneath(root_fd: int, path: bytes, flags: int) -> int:
+    """openat2(root_fd, path, RESOLVE_BENEATH): resolve without ever leaving root_fd.
+
+    ``..`` above the root, absolute paths and absolute symlinks fail with EXDEV,
+    so a name found in an image header can never reach outside the store.
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(root_fd), ctypes.c_char_p(path),
+                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
