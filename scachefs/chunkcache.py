@@ -525,9 +525,7 @@ class ChunkCache:
         own, _joined = self._plan(layer, offset // cs, (end - 1) // cs, None)
         if not own:
             return 0
-        async with trio.open_nursery() as nursery:
-            for flight in own:
-                nursery.start_soon(self._run_flight, flight)
+        await self._run_flights(own)
         fetched = 0
         for flight in own:
             if flight.error is not None:
@@ -602,11 +600,9 @@ class ChunkCache:
             if joined:
                 layer.stats.singleflight_joins += len(joined)
                 self.total.singleflight_joins += len(joined)
-            async with trio.open_nursery() as nursery:
-                for flight in own:
-                    nursery.start_soon(self._run_flight, flight)
-                for flight in joined:
-                    await flight.event.wait()
+            await self._run_flights(own)
+            for flight in joined:  # other tasks run these: waiting in turn costs nothing
+                await flight.event.wait()
             error: OSError | None = None
             for flight in (*own, *joined):
                 if flight.error is not None:
@@ -623,6 +619,16 @@ class ChunkCache:
             if error is not None:
                 raise OSError(error.errno, error.strerror)
         return [piece for piece in out if piece is not None]
+
+    async def _run_flights(self, flights: list[_Flight]) -> None:
+        """Run fills concurrently; the common single run skips the nursery (cheaper,
+        and its insertion order is deterministic)."""
+        if len(flights) == 1:
+            await self._run_flight(flights[0])
+        elif flights:
+            async with trio.open_nursery() as nursery:
+                for flight in flights:
+                    nursery.start_soon(self._run_flight, flight)
 
     async def _run_flight(self, flight: _Flight) -> None:
         """Run one fill; publish its bytes or its error to every waiter.
