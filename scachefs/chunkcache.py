@@ -61,6 +61,7 @@ class LayerStats:
     hit_ops: int = 0
     hit_bytes: int = 0
     miss_ops: int = 0
+    miss_bytes: int = 0  # bytes returned by reads that missed (waited for a fill)
     store_reads: int = 0
     store_bytes: int = 0
     singleflight_joins: int = 0
@@ -507,7 +508,10 @@ class ChunkCache:
         first = offset // cs
         last = (end - 1) // cs
         pieces = await self._gather(layer, first, last)
-        return _join(pieces, offset - first * cs, end - last * cs)
+        data = _join(pieces, offset - first * cs, end - last * cs)
+        layer.stats.miss_bytes += len(data)
+        self.total.miss_bytes += len(data)
+        return data
 
     async def prefetch(self, layer: LayerBuffer, offset: int, length: int) -> int:
         """Fill the missing chunks of a range without reading it; return bytes fetched.
