@@ -7,13 +7,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # What the daemon, the demo and the tests need from Debian.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-	qemu-utils qemu-system-x86 fio strace tmux util-linux e2fsprogs procps
+	qemu-utils qemu-system-x86 fio strace tmux util-linux e2fsprogs procps \
+	attr systemd man-db groff-base
+# Where setup puts the commands and the mount(8) helper (as root).
+BINDIR := /usr/local/bin
+SBINDIR := /sbin
+MANDIR := /usr/local/share/man
 
-.PHONY: all setup apt venv demo test test-quick lint clean
+.PHONY: all setup apt venv helpers demo test test-quick lint clean
 
 all: test
 
-setup: apt venv
+setup: apt venv helpers
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -34,6 +39,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# The commands on PATH and mount.fuse.scachefs for mount(8), fstab and systemd.
+helpers: venv
+	@if [ "$$(id -u)" = 0 ]; then \
+	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs" $(BINDIR)/scachefs; \
+	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs-stat" $(BINDIR)/scachefs-stat; \
+	  sed 's|@SCACHEFS@|$(BINDIR)/scachefs|' mount-helpers/mount.fuse.scachefs \
+	    > $(SBINDIR)/mount.fuse.scachefs.tmp && chmod 755 $(SBINDIR)/mount.fuse.scachefs.tmp && \
+	  mv $(SBINDIR)/mount.fuse.scachefs.tmp $(SBINDIR)/mount.fuse.scachefs; \
+	  install -D -m 644 docs/man/scachefs.8 $(MANDIR)/man8/scachefs.8; \
+	  install -D -m 644 docs/man/scachefs-stat.8 $(MANDIR)/man8/scachefs-stat.8; \
+	else echo "not root: skipping $(BINDIR)/scachefs and $(SBINDIR)/mount.fuse.scachefs"; fi
 
 demo: setup
 	$(PY) -m scachefs.demo

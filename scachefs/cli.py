@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable
@@ -125,6 +126,21 @@ def fuse_options(source: str, opts: MountOptions, debug: bool) -> set[str]:
     return result
 
 
+def notify_systemd(message: str) -> None:
+    """sd_notify(3) without a dependency: one datagram to $NOTIFY_SOCKET, if set."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+
+
 class MountError(Exception):
     """The mount could not be made; the message says why and what to do."""
 
@@ -155,11 +171,13 @@ async def _serve(ops: ScacheFS, mountpoint: str, max_tasks: int,
             # The mount is live once a request through it is answered by our loop.
             await trio.to_thread.run_sync(os.stat, mountpoint)
             ready()
+            notify_systemd(f"READY=1\nSTATUS=serving {ops.source} at {mountpoint}")
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("received %s, unmounting", signal.Signals(signum).name)
+                    notify_systemd("STOPPING=1")
                     pyfuse3.terminate()
                     return
 

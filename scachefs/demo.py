@@ -8,6 +8,7 @@ qemu-img compare, and prints what happened at each step.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,9 +88,14 @@ def main() -> int:
         sh("qemu-img", "check", "-q", mnt / "vms" / "vm1.qcow2")
         print("qemu-img check: vm1.qcow2 is clean")
 
-        step("scachefs-stat")
+        step("what the shared cache did (scachefs-stat)")
         stat_cmd = Path(sys.executable).with_name("scachefs-stat")
         print(sh(stat_cmd if stat_cmd.exists() else "scachefs-stat", mnt).rstrip())
+        totals = json.loads(os.getxattr(mnt, "user.scachefs.stats"))["totals"]
+        served = totals["hit_bytes"] + totals["miss_bytes"]
+        store_bytes = max(1, totals["store_bytes"])
+        print(f"\nthe VMs read {served / 2**20:.0f} MiB of backing layers; the store was read "
+              f"for {store_bytes / 2**20:.0f} MiB ({served / store_bytes:.1f}x less)")
     finally:
         if mounted:
             step("unmounting")

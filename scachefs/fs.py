@@ -83,6 +83,8 @@ class ScacheFS(Passthrough):
         prefixes = {mountpoint, source, os.path.realpath(mountpoint), os.path.realpath(source)}
         self.prefixes = tuple(sorted(os.fsencode(p) for p in prefixes if p != "/"))
         self.started = time.time()
+        self._evictions_seen = 0
+        self._pressure_logged = -60.0
 
     # --------------------------------------------------------------- discovery
     async def scan(self) -> None:
@@ -124,15 +126,30 @@ class ScacheFS(Passthrough):
             layer.fills += 1
             try:
                 return await self.workers.run(os.pread, layer.fd, length, offset)
+            except OSError as exc:
+                log.warning("store read of layer %s at %d+%d failed: %s", layer.path, offset,
+                            length, exc.strerror)
+                raise
             finally:
                 layer.fills -= 1
                 self._release_fd(layer)
+                self._watch_budget()
 
         layer.buffer = self.cache.layer(identity, st.st_size, fill)
         self.layers[key] = layer
         log.info("serving backing layer %s (%d MiB) from the shared cache", path,
                  st.st_size >> 20)
         return layer, False
+
+    def _watch_budget(self) -> None:
+        """Say so, at most once a minute, when the budget forces evictions."""
+        evictions = self.cache.total.evictions
+        now = time.monotonic()
+        if evictions > self._evictions_seen and now - self._pressure_logged >= 60:
+            log.warning("cache budget of %d MiB is full: %d chunks evicted since the last "
+                        "report; a larger cache_size would keep more of the working sets",
+                        self.cache.budget_bytes >> 20, evictions - self._evictions_seen)
+            self._evictions_seen, self._pressure_logged = evictions, now
 
     def _drop(self, key: Key, reason: str) -> None:
         """Detach a layer from the cache: its buffer goes, its handles read the store."""

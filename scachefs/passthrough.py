@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # Flags that make no sense when the daemon reopens an existing object for a caller.
 _STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 _READDIR_BATCH = 32
+# Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
+_STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
+                            errno.ENOTCONN, errno.ETIMEDOUT})
 
 
 def fuse_errors(fn: F) -> F:
@@ -44,6 +47,8 @@ def fuse_errors(fn: F) -> F:
         except FUSEError:
             raise
         except OSError as exc:
+            if exc.errno in _STORE_TROUBLE:
+                log.warning("%s failed in the store: %s", fn.__name__, exc)
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)

@@ -224,7 +224,7 @@ def _debootstrap(root: Path, mirror: str, log: Path, lock_fd: int,
            f"--include={','.join(PACKAGES)}", SUITE, str(root), mirror]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8",
                PATH="/usr/sbin:/usr/bin:/sbin:/bin")
-    last_phase = ""
+    phases: set[str] = set()
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, pass_fds=(lock_fd,),
@@ -236,8 +236,8 @@ def _debootstrap(root: Path, mirror: str, log: Path, lock_fd: int,
             words = line.split()
             if line.startswith(("W:", "E:")):
                 progress(f"guest: debootstrap {line.rstrip()}")
-            elif len(words) >= 2 and words[0] == "I:" and words[1] != last_phase:
-                last_phase = words[1]  # Retrieving, Validating, Extracting, Installing, ...
+            elif len(words) >= 2 and words[0] == "I:" and words[1] not in phases:
+                phases.add(words[1])  # Retrieving, Validating, Extracting, Installing, ...
                 progress(f"guest: debootstrap {line.rstrip()}")
             if time.monotonic() > deadline:
                 proc.kill()
@@ -393,12 +393,12 @@ def _write_initramfs(root: Path, kver: str, out: Path) -> list[str]:
     moddir = root / "lib/modules" / kver
     modules = _module_files(root, kver)
     names = [_module_name(str(m)) for m in modules]
-    busybox = Path(shutil.which("busybox") or "/bin/busybox").resolve()
+    busybox = _static_busybox()
     cpio = _Cpio()
     for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
         cpio.add(directory, stat.S_IFDIR | 0o755)
     cpio.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
-    cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
+    cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox)
     cpio.add("bin/sh", stat.S_IFLNK | 0o777, b"busybox")
     cpio.add("init", stat.S_IFREG | 0o755,
              _INIT.replace("@MODULES@", " ".join(names)).encode())
@@ -406,6 +406,21 @@ def _write_initramfs(root: Path, kver: str, out: Path) -> list[str]:
         cpio.add(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, _read_module(moddir / module))
     out.write_bytes(gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     return names
+
+
+def _static_busybox() -> bytes:
+    """The host's busybox binary, which must be statically linked (package busybox-static)."""
+    path = Path(shutil.which("busybox") or "/bin/busybox").resolve()
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise GuestBuildError(f"{path} is not a 64-bit ELF binary")
+    phoff = int.from_bytes(data[32:40], "little")
+    phentsize = int.from_bytes(data[54:56], "little")
+    phnum = int.from_bytes(data[56:58], "little")
+    for i in range(phnum):
+        if int.from_bytes(data[phoff + i * phentsize:][:4], "little") == 3:  # PT_INTERP
+            raise GuestBuildError(f"{path} is dynamically linked: install busybox-static")
+    return data
 
 
 class _Cpio:
