@@ -88,7 +88,7 @@ def test_unprivileged_user_reads_stats_but_cannot_act(
     assert result.returncode != 0 and "Permission denied" in result.stderr  # the kernel
     # With a root the user may write to, the kernel lets the request through and the
     # daemon itself refuses it: actions are for root and the mount's owner only.
-    mnt.chmod(0o1777)  # through the mount, so the kernel sees it at once
+    mnt.chmod(0o777)  # through the mount, so the kernel sees it at once (no sticky bit)
     result = run("setfattr", "-n", "user.scachefs.command", "-v", command, mnt, user=USER,
                  check=False)
     assert result.returncode != 0 and "Operation not permitted" in result.stderr
