@@ -437,6 +437,10 @@ class ChunkCache:
             buf._attached = False
             buf._pinned = set()
 
+    def peek(self, layer: LayerBuffer, index: int) -> bytes | None:
+        """A resident chunk's bytes without counting a hit or touching the policy."""
+        return layer._chunks.get(index)
+
     # --------------------------------------------------------------- hot path
 
     def lookup(self, layer: LayerBuffer, offset: int, size: int) -> bytes | None:

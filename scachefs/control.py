@@ -63,6 +63,7 @@ def stats_document(fs: ScacheFS) -> dict[str, Any]:
             "identity_changes": fs.identity_changes[key],
         }
         if layer is not None:
+            entry.update(fs.boots.stats(layer))
             buf = layer.buffer
             entry.update(identity="{}:{}:{}:{}".format(*layer.identity), size=buf.size,
                          open_handles=layer.handles, resident_bytes=buf.resident_bytes,

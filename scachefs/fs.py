@@ -25,17 +25,21 @@ from collections import Counter
 import pyfuse3
 import trio
 
-from scachefs import control
+from scachefs import control, syscalls
+from scachefs.boots import TRACE_DIR, Boots, open_trace_store
 from scachefs.chunkcache import ChunkCache, LayerBuffer
 from scachefs.inodes import ROOT_INODE
 from scachefs.options import MountOptions
-from scachefs.passthrough import OpenFile, Passthrough, fuse_errors
+from scachefs.passthrough import OpenDir, OpenFile, Passthrough, fuse_errors
+from scachefs.prefetch import Progress
+from scachefs.recorder import BootSession
 from scachefs.shadow import ImageNode, Key, Shadow, key_of, probe_image, scan_store
+from scachefs.traces import TraceFile, WorkingSet
 
 log = logging.getLogger(__name__)
 
 Identity = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
-HIDDEN_DIR = b".scache"
+HIDDEN_DIR = TRACE_DIR[0]  # the store's .scache directory: never shown through the mount
 
 
 def identity_of(st: os.stat_result) -> Identity:
@@ -58,6 +62,17 @@ class Layer:
     handles: int = 0  # open read-only handles: the VMs attached
     fills: int = 0  # store reads in flight on fd
     active: bool = True  # False once dropped: handles then read the store directly
+    # Boot traces (see boots.py).
+    loaded: trio.Event = dataclasses.field(default_factory=trio.Event)
+    trace_files: list[TraceFile] = dataclasses.field(default_factory=list)
+    trace: WorkingSet | None = None
+    trace_status: str = "loading"
+    should_record: bool = False
+    session: BootSession | None = None
+    session_owner: object = None
+    progress: Progress | None = None
+    prefetch_scope: trio.CancelScope | None = None
+    loading: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,6 +98,10 @@ class ScacheFS(Passthrough):
         prefixes = {mountpoint, source, os.path.realpath(mountpoint), os.path.realpath(source)}
         self.prefixes = tuple(sorted(os.fsencode(p) for p in prefixes if p != "/"))
         self.started = time.time()
+        self.demand_waiting = 0  # demand reads waiting for the store: prefetch yields to them
+        self.boots = Boots(open_trace_store(root_fd, options), self.cache, self.workers,
+                           options, lambda: self.demand_waiting)
+        self.hidden = frozenset({HIDDEN_DIR})
         self._evictions_seen = 0
         self._pressure_logged = -60.0
 
@@ -141,6 +160,14 @@ class ScacheFS(Passthrough):
                  st.st_size >> 20)
         return layer, False
 
+    async def _load(self, layer: Layer) -> None:
+        """Load a new layer's boot traces once; concurrent openers wait for the first."""
+        if layer.trace_status == "loading" and not layer.loading:
+            layer.loading = True
+            await self.boots.attach(layer)
+        else:
+            await layer.loaded.wait()
+
     def _watch_budget(self) -> None:
         """Say so, at most once a minute, when the budget forces evictions."""
         evictions = self.cache.total.evictions
@@ -158,6 +185,9 @@ class ScacheFS(Passthrough):
             return
         resident = layer.buffer.resident_bytes
         layer.active = False
+        layer.session = layer.session_owner = None
+        if layer.prefetch_scope is not None:
+            layer.prefetch_scope.cancel()
         self.cache.drop_layer(layer.identity, forget=True)
         log.info("dropped the cache of layer %s (%d KiB): %s", layer.path, resident >> 10,
                  reason)
@@ -196,8 +226,13 @@ class ScacheFS(Passthrough):
             self._drop(key, "opened for writing")
         elif self.shadow.is_layer(key) and not self.writers[key]:
             path = self.shadow.path_of(key) or os.fsdecode(self.table.relpath(node) or b"?")
-            handle.layer, keep_cache = self._attach(key, st, fd, path)
-            handle.layer.handles += 1
+            layer, keep_cache = self._attach(key, st, fd, path)
+            if not layer.loaded.is_set():
+                await self._load(layer)
+            if layer.active:
+                handle.layer = layer
+                layer.handles += 1
+                self.boots.opened(layer, handle)
         fh = self._new_fh()
         self.files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
@@ -208,9 +243,19 @@ class ScacheFS(Passthrough):
         layer = handle.layer if isinstance(handle, LayerHandle) else None
         if layer is None or not layer.active:
             return await self.workers.run(os.pread, handle.fd, size, off)
+        if layer.session is not None and layer.session_owner is handle:
+            layer.session.note(off, size, time.monotonic())
+        progress = layer.progress
+        if progress is not None and progress.prefetched:
+            cs = self.cache.chunk_size
+            progress.note_demand(off // cs, (off + max(size, 1) - 1) // cs)
         data = self.cache.lookup(layer.buffer, off, size)  # hit: pure memory, no await
         if data is None:
-            data = await self.cache.read(layer.buffer, off, size)
+            self.demand_waiting += 1
+            try:
+                data = await self.cache.read(layer.buffer, off, size)
+            finally:
+                self.demand_waiting -= 1
         return data
 
     @fuse_errors
@@ -223,6 +268,7 @@ class ScacheFS(Passthrough):
                 del self.writers[key]
         if isinstance(handle, LayerHandle) and handle.layer is not None:
             handle.layer.handles -= 1
+            self.boots.released(handle.layer, handle)
             self._release_fd(handle.layer)
         await self.workers.run(os.close, handle.fd)
 
@@ -235,6 +281,11 @@ class ScacheFS(Passthrough):
             self._drop(node.key, "truncated")
         return await super().setattr(inode, attr, fields, fh, ctx)
 
+    def listing_filter(self, handle: OpenDir, names: list[bytes]) -> list[bytes]:
+        if handle.inode is self.table.root:
+            return [n for n in names if n not in self.hidden]
+        return names
+
     def unlinked(self, st: os.stat_result) -> None:
         if st.st_nlink <= 1:
             self._drop(key_of(st), "deleted")
@@ -243,7 +294,41 @@ class ScacheFS(Passthrough):
     # -------------------------------------------------------------- background
     async def background(self, nursery: trio.Nursery) -> None:
         """Work that runs beside request handling for the life of the mount."""
-        nursery.start_soon(self.scan)
+        self.boots.nursery = nursery
+        nursery.start_soon(self._scan_then_prefetch)
+        nursery.start_soon(self.boots.watch, lambda: list(self.layers.values()))
+
+    async def _scan_then_prefetch(self) -> None:
+        await self.scan()
+        if self.options.prefetch == "mount":
+            for key in list(self.shadow.layers()):
+                path = self.shadow.path_of(key)
+                if path is not None:
+                    await self.warm(path, "mount")
+
+    async def warm(self, path: str, reason: str) -> bool:
+        """Attach a layer by its store path and prefetch its working set now."""
+        rel = os.fsencode(path)
+
+        def work() -> tuple[int, os.stat_result]:
+            fd = syscalls.open_beneath(self.table.root.fd, rel, os.O_RDONLY)
+            return fd, os.fstat(fd)
+
+        try:
+            fd, st = await self.workers.run(work)
+        except OSError as exc:
+            log.warning("cannot warm %s: %s", path, exc.strerror)
+            return False
+        try:
+            key = key_of(st)
+            if not self.shadow.is_layer(key) or self.writers[key]:
+                return False
+            layer, _ = self._attach(key, st, fd, path)
+        finally:
+            os.close(fd)
+        if not layer.loaded.is_set():
+            await self._load(layer)
+        return self.boots.start_prefetch(layer, reason)
 
     # --------------------------------------------------------- control channel
     @fuse_errors
@@ -288,6 +373,23 @@ class ScacheFS(Passthrough):
                 log.info("emptied the cache of layer %s (%d KiB) on request of uid %d",
                          layer.path, layer.buffer.resident_bytes >> 10, uid)
                 self.cache.drop_layer(layer.identity)
+        elif action == "warm":
+            path = args.get("path")
+            if not isinstance(path, str):
+                raise control.ControlError(errno.EINVAL, 'warm needs {"path": "..."}')
+            if self.boots.nursery is None:
+                raise control.ControlError(errno.EAGAIN, "not ready")
+            log.info("warming %s on request of uid %d", path, uid)
+            self.boots.nursery.start_soon(self.warm, path, f"requested by uid {uid}")
+        elif action == "record":
+            path, enabled = args.get("path"), args.get("enabled", True)
+            matching = [la for la in self.layers.values() if path in (None, la.path)]
+            if path is not None and not matching:
+                raise control.ControlError(errno.ENOENT, f"no attached layer {path!r}")
+            for layer in matching:
+                layer.should_record = bool(enabled)
+            log.info("recording %s for %s on request of uid %d",
+                     "enabled" if enabled else "disabled", path or "all layers", uid)
         elif action == "log_level":
             level = str(args.get("level", "")).upper()
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -47,6 +47,12 @@ class MountOptions:
     threads: int = 16
     max_tasks: int = 128
     log_file: str | None = None
+    boot_window: float = 120.0
+    record: str = "auto"  # auto: record layers without a current trace; on; off
+    trace_dir: str | None = None  # None: SOURCE/.scache/traces
+    prefetch: str = "open"  # open: at a layer's first boot; mount: also at mount; off
+    prefetch_rate: int = 0  # bytes/s, 0 = unlimited
+    host_id: str | None = None  # None: the host name
 
     def cache_budget(self) -> int:
         """The cache budget in bytes: the option, or a quarter of physical RAM."""
@@ -96,6 +102,12 @@ def _parse_int(text: str, name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise OptionError(f"option {name}: must be between {low} and {high}, got {text!r}")
     return value
+
+
+def _parse_choice(text: str, name: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise OptionError(f"option {name}: must be one of {', '.join(choices)}, got {text!r}")
+    return text
 
 
 def split_option_string(text: str) -> list[str]:
@@ -151,6 +163,20 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 opts.entry_timeout = _parse_float(value, name, 0, 86400)
             elif name == "threads":
                 opts.threads = _parse_int(value, name, 1, 1024)
+            elif name == "boot_window":
+                opts.boot_window = _parse_float(value, name, 1, 86400)
+            elif name == "record":
+                opts.record = _parse_choice(value, name, ("auto", "on", "off"))
+            elif name == "prefetch":
+                opts.prefetch = _parse_choice(value, name, ("open", "mount", "off"))
+            elif name == "prefetch_rate":
+                opts.prefetch_rate = parse_size(value.removesuffix("/s"), name)
+            elif name == "trace_dir":
+                opts.trace_dir = os.path.abspath(value)
+            elif name == "host_id":
+                if not value or "/" in value:
+                    raise OptionError(f"option host_id: bad host id {value!r}")
+                opts.host_id = value
             elif name == "log_file":
                 opts.log_file = os.path.abspath(value)
             elif name == "max_tasks":

@@ -132,6 +132,7 @@ class Passthrough(pyfuse3.Operations):
         self.dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
         self._as_root = os.geteuid() == 0
+        self.hidden: frozenset[bytes] = frozenset()  # names at the root the mount hides
 
     # ----------------------------------------------------------------- helpers
     def _inode(self, ino: int) -> Inode:
@@ -139,6 +140,13 @@ class Passthrough(pyfuse3.Operations):
         if inode is None:
             raise FUSEError(errno.ESTALE)
         return inode
+
+    def _dir(self, ino: int, name: bytes, err: int = errno.EPERM) -> Inode:
+        """The parent directory of ``name``; refuses the names the mount hides."""
+        parent = self._inode(ino)
+        if name in self.hidden and parent is self.table.root:
+            raise FUSEError(err)
+        return parent
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -180,7 +188,7 @@ class Passthrough(pyfuse3.Operations):
     async def _make(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext,
                     make: Callable[[int, bytes], None]) -> pyfuse3.EntryAttributes:
         """Create a node with ``make(dir_fd, name)``, give it to the caller, register it."""
-        parent = self._inode(parent_ino)
+        parent = self._dir(parent_ino, name)
 
         def work() -> tuple[int, os.stat_result]:
             parent_mode = os.fstat(parent.fd).st_mode
@@ -203,7 +211,7 @@ class Passthrough(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        parent = self._inode(parent_inode)
+        parent = self._dir(parent_inode, name, errno.ENOENT)
         if name == b"." or (name == b".." and parent is self.table.root):
             st = await self.workers.run(os.fstat, parent.fd)
             parent.nlookup += 1
@@ -277,7 +285,7 @@ class Passthrough(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._inode(parent_inode)
+        parent = self._dir(parent_inode, name)
 
         def work() -> os.stat_result:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -291,14 +299,14 @@ class Passthrough(pyfuse3.Operations):
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._inode(parent_inode)
+        parent = self._dir(parent_inode, name)
         await self.workers.run(lambda: os.rmdir(name, dir_fd=parent.fd))
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        old = self._inode(parent_inode_old)
-        new = self._inode(parent_inode_new)
+        old = self._dir(parent_inode_old, name_old)
+        new = self._dir(parent_inode_new, name_new)
 
         def work() -> list[tuple[os.stat_result, Inode, bytes]]:
             syscalls.renameat2(old.fd, name_old, new.fd, name_new, flags)
@@ -317,7 +325,7 @@ class Passthrough(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
-        parent = self._inode(new_parent_inode)
+        parent = self._dir(new_parent_inode, new_name)
 
         def work() -> os.stat_result:
             os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
@@ -347,7 +355,7 @@ class Passthrough(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
-        parent = self._inode(parent_inode)
+        parent = self._dir(parent_inode, name)
         oflags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
         def work() -> tuple[int, int, os.stat_result]:

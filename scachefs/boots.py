@@ -1,0 +1,235 @@
+"""Boot traces of layers: record boot sessions, keep traces in the store, prefetch them.
+
+:class:`Boots` is the part of the file system that deals with boots. The file
+system tells it when a layer is attached, opened, read and released; it decides
+which handle's reads are recorded, saves finished boots to the trace store
+(worker threads), merges every host's traces into a working set, and starts the
+prefetch of that working set at a layer's first boot, at mount time
+(``prefetch=mount``) or on request (the ``warm`` action).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+import xxhash
+
+from scachefs import prefetch, traces
+from scachefs.chunkcache import ChunkCache
+from scachefs.options import MountOptions
+from scachefs.recorder import BootSession
+from scachefs.traces import Boot, LayerId, TraceFile, TraceStore
+from scachefs.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from scachefs.fs import Layer
+
+log = logging.getLogger(__name__)
+
+TRACE_DIR = (b".scache", b"traces")
+QUIET_SECONDS = 30.0  # a boot session whose reads stopped this long has ended
+
+
+def open_trace_store(root_fd: int, options: MountOptions) -> TraceStore | None:
+    """Open (creating it if needed) the trace directory; None, with a warning, if impossible."""
+    host = options.host_id or socket.gethostname() or "host"
+    if options.record == "off" and options.prefetch == "off":
+        return None
+    where = options.trace_dir or "SOURCE/.scache/traces"
+    try:
+        if options.trace_dir:
+            os.makedirs(options.trace_dir, mode=0o755, exist_ok=True)
+            fd = os.open(options.trace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = root_fd
+            for name in TRACE_DIR:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                # O_NOFOLLOW: a symlink planted in the store cannot redirect our writes.
+                new = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+                if fd != root_fd:
+                    os.close(fd)
+                fd = new
+    except OSError as exc:
+        log.warning("boot traces disabled: cannot use the trace directory %s: %s", where,
+                    exc.strerror or exc)
+        return None
+    log.info("boot traces in %s (host id %s)", where, host)
+    return TraceStore(fd, host)
+
+
+def _layer_id(layer: Layer) -> LayerId:
+    _, ino, size, mtime_ns = layer.identity
+    return LayerId(ino, size, mtime_ns)
+
+
+def _digests(chunks: list[tuple[int, bytes | None]], fd: int, chunk_size: int) -> dict[int, int]:
+    """xxh3 of each chunk: from memory when resident, else read from the store (blocking)."""
+    out = {}
+    for index, data in chunks:
+        if data is None:
+            data = os.pread(fd, chunk_size, index * chunk_size)
+        out[index] = xxhash.xxh3_64_intdigest(data)
+    return out
+
+
+class Boots:
+    """Recording, trace keeping and prefetch for the layers of one mount."""
+
+    def __init__(self, store: TraceStore | None, cache: ChunkCache, workers: WorkerPool,
+                 options: MountOptions, demand_waiting: Callable[[], int]) -> None:
+        self.store = store
+        self.cache = cache
+        self.workers = workers
+        self.options = options
+        self.demand_waiting = demand_waiting
+        self.nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ attachment
+    async def attach(self, layer: Layer) -> None:
+        """A layer was just attached to the cache: load its traces, maybe prefetch."""
+        try:
+            if self.store is None:
+                layer.trace_status = "off"
+                return
+            store = self.store
+            ino = layer.identity[1]
+            files, rejected = await self.workers.run(store.load, ino)
+            for name, reason in rejected:
+                log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
+            layer.trace_files = files
+            self._merge(layer)
+            record = self.options.record
+            current = layer.trace is not None and layer.trace.current
+            layer.should_record = record == "on" or (record == "auto" and not current)
+            if layer.trace is not None and self.options.prefetch != "off":
+                self.start_prefetch(layer, "first boot")
+        finally:
+            layer.loaded.set()
+
+    def _merge(self, layer: Layer) -> None:
+        ws = traces.merge(layer.trace_files, _layer_id(layer), self.cache.chunk_size)
+        layer.trace = ws
+        if ws is None:
+            layer.trace_status = "none"
+        elif ws.current:
+            layer.trace_status = "recorded"
+        else:
+            layer.trace_status = "stale"  # recorded on an older version of the layer
+
+    # -------------------------------------------------------------- prefetch
+    def start_prefetch(self, layer: Layer, reason: str) -> bool:
+        """Start prefetching a layer's working set unless one is running; True if started."""
+        ws = layer.trace
+        if ws is None or self.nursery is None or (layer.progress and layer.progress.running):
+            return False
+        progress = prefetch.Progress(reason, total_bytes=min(ws.bytes, layer.identity[2]))
+        layer.progress = progress
+        scope = trio.CancelScope()
+        layer.prefetch_scope = scope
+
+        async def run() -> None:
+            with scope:
+                await prefetch.prefetch(self.cache, layer.buffer, ws, progress, path=layer.path,
+                                        rate=self.options.prefetch_rate,
+                                        demand_waiting=self.demand_waiting)
+            progress.running = False
+            if progress.stale_chunks and layer.trace_status == "recorded":
+                log.warning("trace of %s is stale for %d chunks: the layer changed since it "
+                            "was recorded; recording the next boot", layer.path,
+                            progress.stale_chunks)
+                layer.trace_status = "stale"
+                if self.options.record != "off":
+                    layer.should_record = True
+            if layer.handles == 0:
+                self.cache.unpin_all(layer.buffer)
+
+        self.nursery.start_soon(run)
+        return True
+
+    # ------------------------------------------------------------- sessions
+    def opened(self, layer: Layer, handle: object) -> None:
+        """A read-only handle of the layer was opened: maybe it is a boot to record."""
+        if layer.handles == 1 and layer.trace is not None and not (
+                layer.progress and layer.progress.running):
+            self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again
+        if layer.should_record and layer.session is None:
+            layer.session = BootSession(self.cache.chunk_size)
+            layer.session_owner = handle
+            layer.trace_status = "recording"
+
+    def released(self, layer: Layer, handle: object) -> None:
+        if layer.session_owner is handle:
+            self._finish(layer)
+        if layer.handles == 0 and not (layer.progress and layer.progress.running):
+            self.cache.unpin_all(layer.buffer)
+
+    async def watch(self, layers: Callable[[], list[Layer]]) -> None:
+        """End sessions after the boot window or when their reads go quiet."""
+        quiet = min(QUIET_SECONDS, self.options.boot_window)
+        while True:
+            await trio.sleep(1)
+            now = time.monotonic()
+            for layer in layers():
+                session = layer.session
+                if session is not None and session.over(now, self.options.boot_window, quiet):
+                    self._finish(layer)
+
+    def _finish(self, layer: Layer) -> None:
+        session = layer.session
+        layer.session, layer.session_owner = None, None
+        if session is None:
+            return
+        if not session.is_boot():
+            log.debug("session on %s was not a boot (%d reads, %d chunks)", layer.path,
+                      session.requests, len(session.first_ms))
+            self._merge(layer)  # back to what the traces say
+            return
+        layer.should_record = self.options.record == "on"
+        if self.store is not None and self.nursery is not None:
+            self.nursery.start_soon(self._save, layer, session)
+
+    async def _save(self, layer: Layer, session: BootSession) -> None:
+        store = self.store
+        if store is None or layer.fd < 0:
+            return
+        cs = self.cache.chunk_size
+        chunks = [(c, self.cache.peek(layer.buffer, c)) for c in session.first_ms]
+        try:
+            digests = await self.workers.run(_digests, chunks, layer.fd, cs)
+            boot = Boot(session.started_wall, session.duration_ms, session.requests,
+                        session.bytes, [(c, ms, digests[c]) for c, ms in
+                                        session.first_ms.items()])
+            layer_id = _layer_id(layer)
+            mine = [f for f in layer.trace_files if f.host == store.host and f.layer == layer_id]
+            previous = mine[0].boots if mine else []
+            trace = TraceFile(layer_id, cs, store.host, [*previous, boot])
+            name = await self.workers.run(store.save, trace)
+        except (OSError, traces.TraceError) as exc:
+            log.warning("could not save the boot trace of %s: %s", layer.path, exc)
+            return
+        layer.trace_files = [f for f in layer.trace_files if f.host != store.host] + [trace]
+        self._merge(layer)
+        log.info("recorded a boot of %s: %d reads, %d MiB in %d chunks over %.1f s -> %s",
+                 layer.path, session.requests, len(session.first_ms) * cs >> 20,
+                 len(session.first_ms), session.duration_ms / 1000, name)
+
+    # ----------------------------------------------------------------- stats
+    @staticmethod
+    def stats(layer: Layer) -> dict[str, Any]:
+        ws = layer.trace
+        trace: dict[str, Any] = {"status": layer.trace_status,
+                                 "recording": layer.session is not None}
+        if ws is not None:
+            trace.update(boots=ws.boots, hosts=ws.hosts, chunks=len(ws.chunks), bytes=ws.bytes)
+        return {"trace": trace,
+                "prefetch": layer.progress.as_dict() if layer.progress else None}
