@@ -96,7 +96,7 @@ class Boots:
 
     # ------------------------------------------------------------ attachment
     async def attach(self, layer: Layer) -> None:
-        """A layer was just attached to the cache: load its traces, maybe prefetch."""
+        """A layer was just attached to the cache: load its traces."""
         try:
             if self.store is None:
                 layer.trace_status = "off"
@@ -111,8 +111,6 @@ class Boots:
             record = self.options.record
             current = layer.trace is not None and layer.trace.current
             layer.should_record = record == "on" or (record == "auto" and not current)
-            if layer.trace is not None and self.options.prefetch != "off":
-                self.start_prefetch(layer, "first boot")
         finally:
             layer.loaded.set()
 

@@ -229,6 +229,8 @@ class ScacheFS(Passthrough):
             layer, keep_cache = self._attach(key, st, fd, path)
             if not layer.loaded.is_set():
                 await self._load(layer)
+            if layer.progress is None and self.options.prefetch != "off":
+                self.boots.start_prefetch(layer, "first boot")
             if layer.active:
                 handle.layer = layer
                 layer.handles += 1

@@ -23,6 +23,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -83,7 +84,7 @@ def ensure_guest_image(progress: Callable[[str], None] = print) -> GuestImage:
     if (final / "build.json").exists():
         return _image_in(final)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with _locked(CACHE_DIR / ".lock") as lock_fd:
+    with _locked(CACHE_DIR / ".lock", progress) as lock_fd:
         if (final / "build.json").exists():  # another caller built it while we waited
             return _image_in(final)
         for stale in CACHE_DIR.glob(".build-*"):  # left by a build that died; we hold the lock
@@ -107,11 +108,15 @@ def _image_in(directory: Path) -> GuestImage:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[int]:
+def _locked(path: Path, progress: Callable[[str], None]) -> Iterator[int]:
     """Hold an exclusive flock on path; yields the fd (pass it to children to keep the lock)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"guest: waiting for another build of the guest image ({path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
     finally:
         os.close(fd)
@@ -159,16 +164,18 @@ def _build(work: Path, lock_fd: int, progress: Callable[[str], None]) -> None:
     for path in (base, work / "vmlinuz", work / "initrd.img"):
         path.chmod(0o444)
 
+    build_seconds = round(time.monotonic() - started, 1)
+    base_bytes = base.stat().st_size
     info = {
         "guest_version": GUEST_VERSION,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "build_seconds": round(time.monotonic() - started, 1),
+        "build_seconds": build_seconds,
         "debootstrap_seconds": round(t_debootstrap, 1),
         "suite": SUITE,
         "mirror": mirror,
         "kernel": kver,
         "initramfs_modules": modules,
-        "base_bytes": base.stat().st_size,
+        "base_bytes": base_bytes,
         "base_virtual_bytes": IMAGE_BYTES,
         "cluster_size": CLUSTER_SIZE,
         "rootfs_file_bytes": rootfs_bytes,
@@ -182,8 +189,7 @@ def _build(work: Path, lock_fd: int, progress: Callable[[str], None]) -> None:
                  "qemu-utils": _host_version("qemu-utils")},
     }
     (work / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    progress(f"guest: built in {info['build_seconds']} s, base.qcow2 "
-             f"{info['base_bytes'] / 2**20:.0f} MiB")
+    progress(f"guest: built in {build_seconds} s, base.qcow2 {base_bytes / 2**20:.0f} MiB")
 
 
 def find_apt_mirror() -> str:
@@ -228,20 +234,28 @@ def _debootstrap(root: Path, mirror: str, log: Path, lock_fd: int,
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, pass_fds=(lock_fd,),
-                                text=True, errors="replace")
+                                text=True, errors="replace", start_new_session=True)
         assert proc.stdout is not None
         deadline = time.monotonic() + _BUILD_TIMEOUT
-        for line in proc.stdout:
-            log_file.write(line)
-            words = line.split()
-            if line.startswith(("W:", "E:")):
-                progress(f"guest: debootstrap {line.rstrip()}")
-            elif len(words) >= 2 and words[0] == "I:" and words[1] not in phases:
-                phases.add(words[1])  # Retrieving, Validating, Extracting, Installing, ...
-                progress(f"guest: debootstrap {line.rstrip()}")
-            if time.monotonic() > deadline:
-                proc.kill()
-        returncode = proc.wait()
+        try:
+            for line in proc.stdout:
+                log_file.write(line)
+                words = line.split()
+                if line.startswith(("W:", "E:")):
+                    progress(f"guest: debootstrap {line.rstrip()}")
+                elif len(words) >= 2 and words[0] == "I:" and (
+                        words[1] not in phases
+                        or (len(words) >= 4 and line.rstrip().endswith("..."))):
+                    phases.add(words[1])  # the first line of each kind, and each phase heading
+                    progress(f"guest: debootstrap {line.rstrip()}")
+                if time.monotonic() > deadline:
+                    raise GuestBuildError(f"debootstrap took over {_BUILD_TIMEOUT} s")
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: stop debootstrap and its dpkg children
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     if returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise GuestBuildError(f"debootstrap failed ({returncode}); end of {log}:\n{tail}")

@@ -1,0 +1,217 @@
+"""Boot traces through real mounts: record with qemu-io replays, persist, prefetch, merge hosts."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import MountFactory
+from tests.mounting import drop_caches, run
+from tests.test_qemu_passthrough import qemu_io
+from tests.test_shadow_cache import layer_stats, overlay, stats
+
+MiB = 1 << 20
+
+
+def make_boot_base(store: Path) -> Path:
+    """A 128 MiB qcow2 base whose first 64 MiB hold data (pattern 0x42)."""
+    base = store / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "128M")
+    run("qemu-io", "-c", "write -P 0x42 0 64M", base)
+    return base
+
+
+def boot_script(seed: int = 7, think_ms: int = 1) -> list[str]:
+    """qemu-io commands shaped like a boot: ~360 reads in 40 clusters, 4-128 KiB each."""
+    rng = random.Random(seed)
+    commands = []
+    for _ in range(40):
+        start = rng.randrange(0, 60 * MiB, 4096)
+        for _ in range(9):
+            length = rng.choice([4096, 4096, 16384, 16384, 65536, 131072])
+            offset = min(start + rng.randrange(0, 512 * 1024, 4096), 64 * MiB - length)
+            commands.append(f"read -P 0x42 {offset} {length}")
+            if think_ms:
+                commands.append(f"sleep {think_ms}")
+    return commands
+
+
+def replay(image: Path, commands: list[str]) -> None:
+    args = ["qemu-io", "--cache=none"]
+    for command in commands:
+        args += ["-c", command]
+    result = subprocess.run([*args, str(image)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "verification failed" not in result.stdout
+
+
+def wait_for(mnt: Path, path: str, predicate: Any, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        layer = layer_stats(mnt, path)
+        if predicate(layer):
+            return layer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting; layer stats: {layer}")
+        time.sleep(0.1)
+
+
+def recorded(layer: dict[str, Any]) -> bool:
+    trace = layer.get("trace") or {}
+    return trace.get("status") == "recorded" and not trace.get("recording")
+
+
+def prefetched(layer: dict[str, Any]) -> bool:
+    return bool(layer.get("prefetch")) and not layer["prefetch"]["running"]
+
+
+def record_one_boot(store: Path, mnt: Path, mount_factory: MountFactory,
+                    *options: str) -> dict[str, Any]:
+    mount = mount_factory(store, mnt, "allow_other", *options)
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    replay(mnt / "vm1.qcow2", boot_script(think_ms=0))
+    layer = wait_for(mnt, "base.qcow2", recorded)
+    mount.unmount()
+    return layer
+
+
+def test_record_then_prefetch_the_next_boot(store: Path, mnt: Path,
+                                            mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    first = record_one_boot(store, mnt, mount_factory)
+    assert first["trace"]["boots"] == 1
+    traces = sorted((store / ".scache" / "traces").iterdir())
+    assert len(traces) == 1 and traces[0].name.startswith("ino-")
+    assert 1000 < traces[0].stat().st_size < 64 * 1024  # 20 bytes per chunk
+
+    drop_caches()
+    mount = mount_factory(store, mnt, "allow_other")
+    assert ".scache" not in os.listdir(mnt)
+    assert not (mnt / ".scache").exists()
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script(think_ms=1))
+    second = wait_for(mnt, "base.qcow2", prefetched)
+    pf = second["prefetch"]
+    assert pf["reason"] == "first boot" and pf["error"] is None
+    assert pf["done_bytes"] == pf["total_bytes"] == first["trace"]["bytes"]
+    # The store saw far fewer, larger requests for the same boot.
+    assert second["store_reads"] * 4 <= first["store_reads"], (first, second)
+    # Nearly all the boot's bytes came from prefetched chunks.
+    assert pf["useful_chunks"] >= 0.9 * first["trace"]["chunks"], pf
+    assert pf["useful_ratio"] >= 0.9
+    assert "prefetch of base.qcow2 finished" in mount.log()
+
+
+def test_a_trace_recorded_on_one_host_prefetches_on_another(
+        store: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    host_a.mkdir()
+    host_b.mkdir()
+    record_one_boot(store, host_a, mount_factory, "host_id=host-a")
+    mount_factory(store, host_b, "allow_other", "host_id=host-b")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    replay(host_b / "vm2.qcow2", boot_script())
+    layer = wait_for(host_b, "base.qcow2", prefetched)
+    assert layer["trace"]["hosts"] == 1 and layer["trace"]["status"] == "recorded"
+    assert layer["prefetch"]["useful_chunks"] > 0
+    assert not layer["trace"]["recording"]  # a current trace exists: auto does not record
+    names = [p.name for p in (store / ".scache" / "traces").iterdir()]
+    assert names == [n for n in names if ".host-a." in n]
+
+
+def test_storm_of_four_reads_the_base_once(store: Path, mnt: Path,
+                                           mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    first = record_one_boot(store, mnt, mount_factory)
+    drop_caches()
+    mount_factory(store, mnt, "allow_other")
+    for i in range(4):
+        overlay(store, f"storm{i}.qcow2", "base.qcow2")
+    script = boot_script(think_ms=0)
+    procs = [subprocess.Popen(
+        ["qemu-io", "--cache=none", *sum((["-c", c] for c in script), []),
+         str(mnt / f"storm{i}.qcow2")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(4)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and b"verification failed" not in out
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    working_set = first["trace"]["bytes"]
+    assert layer["evictions"] == 0
+    # Read once: the working set (plus gaps prefetch filled and qcow2 metadata).
+    assert layer["store_bytes"] <= 1.5 * working_set, (layer["store_bytes"], working_set)
+    requested = sum(int(c.split()[-1]) for c in script if c.startswith("read"))
+    assert layer["hit_bytes"] + layer["miss_bytes"] >= 4 * requested  # all four were served
+
+
+def test_a_changed_layer_is_detected_chunk_by_chunk_and_re_recorded(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    base = make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory)
+    run("qemu-io", "-c", "write -P 0x43 0 64M", base)  # same size, new bytes
+    mount = mount_factory(store, mnt, "allow_other")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    script = [c.replace("0x42", "0x43") for c in boot_script()]
+    replay(mnt / "vm2.qcow2", script)  # never the old bytes
+    layer = wait_for(mnt, "base.qcow2", lambda la: prefetched(la) and recorded(la))
+    assert layer["prefetch"]["stale_chunks"] > 0
+    assert layer["trace"]["status"] == "recorded"  # re-recorded on the layer as it is now
+    assert "stale" in mount.log()
+
+
+def test_corrupt_trace_files_are_logged_and_ignored(store: Path, mnt: Path,
+                                                    mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory)
+    traces = store / ".scache" / "traces"
+    good = next(traces.iterdir())
+    ino = good.name.split(".")[0]
+    data = bytearray(good.read_bytes())
+    data[100] ^= 0x10
+    (traces / f"{ino}.flipped.trace").write_bytes(bytes(data))
+    (traces / f"{ino}.short.trace").write_bytes(good.read_bytes()[:50])
+    good.unlink()
+    mount = mount_factory(store, mnt, "allow_other",
+                          allow=("ignoring trace file",))
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script(think_ms=0))
+    layer = wait_for(mnt, "base.qcow2", recorded)  # nothing usable: it records afresh
+    log = mount.log()
+    assert "flipped.trace" in log and "checksum mismatch" in log
+    assert "short.trace" in log and "truncated" in log
+    assert layer["prefetch"] is None
+
+
+def test_probes_are_not_boots(store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    mount_factory(store, mnt, "allow_other")
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    run("qemu-img", "info", "--backing-chain", mnt / "vm1.qcow2")
+    qemu_io(mnt / "vm1.qcow2", "read -P 0x42 0 64k", cache="none")
+    time.sleep(0.5)
+    assert not (store / ".scache" / "traces").exists() or \
+        not list((store / ".scache" / "traces").iterdir())
+    assert layer_stats(mnt, "base.qcow2")["trace"]["status"] == "none"
+
+
+def test_prefetch_at_mount_and_the_budget(store: Path, mnt: Path,
+                                          mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    first = record_one_boot(store, mnt, mount_factory)
+    mount_factory(store, mnt, "allow_other", "prefetch=mount")
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["resident_bytes"] >= first["trace"]["bytes"]
+    assert layer["prefetch"]["reason"] == "mount"
+    run("fusermount3", "-u", mnt)
+    time.sleep(0.5)
+    small = mount_factory(store, mnt, "allow_other", "prefetch=mount", "cache_size=4M",
+                          allow=("stopped at the cache budget",))
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["prefetch"]["stopped_at_budget"]
+    assert stats(mnt)["cache"]["used_bytes"] <= 4 * MiB
+    assert "stopped at the cache budget" in small.log()
