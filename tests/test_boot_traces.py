@@ -40,11 +40,16 @@ def boot_script(seed: int = 7, think_ms: int = 1) -> list[str]:
     return commands
 
 
-def replay(image: Path, commands: list[str]) -> None:
+def replay_args(image: Path, commands: list[str]) -> list[str]:
     args = ["qemu-io", "--cache=none"]
     for command in commands:
         args += ["-c", command]
-    result = subprocess.run([*args, str(image)], capture_output=True, text=True, check=False)
+    return [*args, str(image)]
+
+
+def replay(image: Path, commands: list[str]) -> None:
+    result = subprocess.run(replay_args(image, commands), capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert "verification failed" not in result.stdout
 
@@ -133,10 +138,9 @@ def test_storm_of_four_reads_the_base_once(store: Path, mnt: Path,
     for i in range(4):
         overlay(store, f"storm{i}.qcow2", "base.qcow2")
     script = boot_script(think_ms=0)
-    procs = [subprocess.Popen(
-        ["qemu-io", "--cache=none", *sum((["-c", c] for c in script), []),
-         str(mnt / f"storm{i}.qcow2")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for i in range(4)]
+    procs = [subprocess.Popen(replay_args(mnt / f"storm{i}.qcow2", script),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(4)]
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and b"verification failed" not in out
