@@ -38,8 +38,19 @@ mount options (-o name[=value],...):
   attr_timeout=SEC     how long the kernel may cache attributes (default 10)
   entry_timeout=SEC    how long the kernel may cache name lookups (default 10)
   threads=N            worker threads for store I/O (default 16)
-  log_file=PATH        also log to this file (default: stderr in the foreground; the
-                       journal under systemd; syslog once detached)
+  log_file=PATH        log to this file (default: stderr in the foreground, the journal
+                       under systemd, syslog once detached)
+  record=auto|on|off   record boot traces: auto (default) for layers without a current
+                       trace, on for every boot, off never
+  boot_window=SEC      a boot session ends this long after it started (default 120), at
+                       the VM's close, or after 30 s without reads
+  prefetch=open|mount|off
+                       prefetch a layer's recorded working set at its first boot (open,
+                       the default), also as soon as the mount starts (mount), or never
+  prefetch_rate=SIZE   cap prefetch bandwidth, e.g. 100M (per second; default unlimited)
+  trace_dir=PATH       where traces live (default SOURCE/.scache/traces, shared by every
+                       host that mounts the same store)
+  host_id=NAME         this host's name in trace file names (default: the host name)
   max_tasks=N          FUSE requests served concurrently (default 128)
   defaults, auto, noauto, nofail, _netdev, user, users, rw, x-*, comment=*
                        fstab and systemd options: accepted and ignored
