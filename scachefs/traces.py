@@ -35,7 +35,6 @@ MAGIC = b"SCTRACE\0"
 VERSION = 1
 MAX_FILE_BYTES = 16 << 20  # bounded: a trace can never fill the store
 MAX_BOOTS_PER_FILE = 8  # a host keeps its most recent boots
-MAX_ENTRIES = (MAX_FILE_BYTES - 256) // 20
 RECENT_BOOTS = 16  # boots considered when merging, across hosts
 SUFFIX = ".trace"
 
@@ -43,6 +42,8 @@ _HEADER = struct.Struct("<8sHHIQQQ64sII")
 _BOOT = struct.Struct("<QIIQI")
 _ENTRY = struct.Struct("<QIQ")
 _TRAILER = struct.Struct("<Q")
+MAX_ENTRIES = (MAX_FILE_BYTES - _HEADER.size - _TRAILER.size
+               - MAX_BOOTS_PER_FILE * _BOOT.size) // _ENTRY.size
 
 
 class TraceError(ValueError):
@@ -79,10 +80,15 @@ class TraceFile:
     boots: list[Boot]
 
 
+def _cut(text: str, limit: int) -> bytes:
+    """UTF-8 of text, at most ``limit`` bytes, never cutting a character in two."""
+    return text.encode()[:limit].decode("utf-8", "ignore").encode()
+
+
 def file_name(ino: int, host: str) -> bytes:
-    """The trace file of a layer for one host (host names are sanitized)."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in host)[:64] or "host"
-    return f"ino-{ino}.{safe}{SUFFIX}".encode()
+    """The trace file of a layer for one host (host names are sanitized, <= 64 bytes)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in host)
+    return f"ino-{ino}.{safe[:64] or 'host'}{SUFFIX}".encode()
 
 
 def encode(trace: TraceFile) -> bytes:
@@ -91,14 +97,19 @@ def encode(trace: TraceFile) -> bytes:
     total = sum(len(b.chunks) for b in boots)
     if total > MAX_ENTRIES:
         raise TraceError(f"trace too large: {total} entries (limit {MAX_ENTRIES})")
-    host = trace.host.encode()[:64]
-    parts = [_HEADER.pack(MAGIC, VERSION, 0, trace.chunk_size, trace.layer.ino,
-                          trace.layer.size, trace.layer.mtime_ns, host, len(boots), total)]
-    for boot in boots:
-        parts.append(_BOOT.pack(boot.started, boot.duration_ms, boot.requests, boot.bytes,
-                                len(boot.chunks)))
-    for boot in boots:
-        parts.extend(_ENTRY.pack(*entry) for entry in boot.chunks)
+    cs = trace.chunk_size
+    if cs < 4096 or cs > (1 << 20) or cs & (cs - 1):
+        raise TraceError(f"bad chunk size {cs}")
+    try:
+        parts = [_HEADER.pack(MAGIC, VERSION, 0, cs, trace.layer.ino, trace.layer.size,
+                              trace.layer.mtime_ns, _cut(trace.host, 64), len(boots), total)]
+        for boot in boots:
+            parts.append(_BOOT.pack(boot.started, boot.duration_ms, boot.requests, boot.bytes,
+                                    len(boot.chunks)))
+        for boot in boots:
+            parts.extend(_ENTRY.pack(*entry) for entry in boot.chunks)
+    except struct.error as exc:
+        raise TraceError(f"a field is out of range: {exc}") from None
     body = b"".join(parts)
     return body + _TRAILER.pack(xxhash.xxh3_64_intdigest(body))
 
@@ -131,7 +142,6 @@ def decode(data: bytes, expect_ino: int | None = None) -> TraceFile:
         host_name = host.rstrip(b"\0").decode()
     except UnicodeDecodeError:
         raise TraceError("host name is not UTF-8") from None
-    max_chunk = size // chunk_size
     boots: list[Boot] = []
     offset = _HEADER.size
     entry_offset = _HEADER.size + nboots * _BOOT.size
@@ -146,7 +156,7 @@ def decode(data: bytes, expect_ino: int | None = None) -> TraceFile:
                 raise TraceError("boots declare more entries than the file holds")
             chunk, first_ms, digest = _ENTRY.unpack_from(data, entry_offset)
             entry_offset += _ENTRY.size
-            if chunk > max_chunk:
+            if chunk * chunk_size >= size:
                 raise TraceError(f"chunk {chunk} is past the end of the layer ({size} bytes)")
             chunks.append((chunk, first_ms, digest))
         boots.append(Boot(started, duration_ms, requests, nbytes, chunks))
@@ -183,14 +193,13 @@ def min_boots_for(boots: int) -> int:
 
 def merge(files: Iterable[TraceFile], layer: LayerId, chunk_size: int) -> WorkingSet | None:
     """Union of the most recent boots of every host, ordered by earliest first access."""
-    dated: list[tuple[int, Boot, bool]] = []
-    hosts = set()
+    dated: list[tuple[int, Boot, str]] = []
+    current = False
     for trace in files:
         if trace.chunk_size != chunk_size:
             continue
-        hosts.add(trace.host)
-        current = trace.layer == layer
-        dated.extend((boot.started, boot, current) for boot in trace.boots)
+        current = current or (trace.layer == layer and bool(trace.boots))
+        dated.extend((boot.started, boot, trace.host) for boot in trace.boots)
     if not dated:
         return None
     dated.sort(key=lambda item: item[0], reverse=True)
@@ -206,7 +215,7 @@ def merge(files: Iterable[TraceFile], layer: LayerId, chunk_size: int) -> Workin
     need = min_boots_for(len(recent))
     chunks = sorted((c for c, n in seen.items() if n >= need), key=lambda c: (first[c], c))
     return WorkingSet(chunk_size, chunks, {c: digests[c] for c in chunks}, len(recent),
-                      len(hosts), any(current for _, _, current in recent))
+                      len({host for _, _, host in recent}), current)
 
 
 def plan_runs(chunks: Sequence[int], chunk_size: int, layer_size: int,
@@ -284,15 +293,19 @@ class TraceStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=self.dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         except BaseException:
-            os.close(fd)
-            os.unlink(tmp, dir_fd=self.dir_fd)
+            try:
+                os.unlink(tmp, dir_fd=self.dir_fd)
+            except OSError:
+                pass
             raise
-        os.close(fd)
-        os.rename(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         os.fsync(self.dir_fd)
         return os.fsdecode(name)

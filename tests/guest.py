@@ -50,6 +50,9 @@ INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 POWEROFF_GRACE = 60.0  # seconds qemu gets to exit after the marker before it is killed
 _BUILD_TIMEOUT = 1800.0
 _TOOLS = ("debootstrap", "unshare", "mkfs.ext4", "qemu-img", "busybox")
+# debootstrap and mkfs.ext4 live in sbin, which a caller's PATH may lack.
+_PATH = ":".join(dict.fromkeys([*os.environ.get("PATH", "").split(":"), "/usr/local/sbin",
+                                "/usr/sbin", "/usr/bin", "/sbin", "/bin"]))
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ def ensure_guest_image(progress: Callable[[str], None] = print) -> GuestImage:
         work.mkdir()
         try:
             _build(work, lock_fd, progress)
+            os.sync()
             os.rename(work, final)
         except BaseException:
             _remove_tree(work)
@@ -125,7 +129,7 @@ def _locked(path: Path, progress: Callable[[str], None]) -> Iterator[int]:
 def _build(work: Path, lock_fd: int, progress: Callable[[str], None]) -> None:
     """Build everything into work/: base.qcow2, vmlinuz, initrd.img, build.json."""
     started = time.monotonic()
-    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    missing = [tool for tool in _TOOLS if shutil.which(tool, path=_PATH) is None]
     if missing:
         raise GuestBuildError(f"missing host tools {missing}: install debootstrap, "
                               "busybox-static, e2fsprogs, qemu-utils and util-linux")
@@ -228,8 +232,7 @@ def _debootstrap(root: Path, mirror: str, log: Path, lock_fd: int,
     """Run debootstrap in a private mount namespace (its mounts vanish with it)."""
     cmd = ["unshare", "--mount", "--propagation", "private", "debootstrap", "--variant=minbase",
            f"--include={','.join(PACKAGES)}", SUITE, str(root), mirror]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8",
-               PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8", PATH=_PATH)
     phases: set[str] = set()
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -424,7 +427,7 @@ def _write_initramfs(root: Path, kver: str, out: Path) -> list[str]:
 
 def _static_busybox() -> bytes:
     """The host's busybox binary, which must be statically linked (package busybox-static)."""
-    path = Path(shutil.which("busybox") or "/bin/busybox").resolve()
+    path = Path(shutil.which("busybox", path=_PATH) or "/bin/busybox").resolve()
     data = path.read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2:
         raise GuestBuildError(f"{path} is not a 64-bit ELF binary")
@@ -490,7 +493,8 @@ def _tree_bytes(root: Path) -> int:
 
 def _run(cmd: list[str], lock_fd: int) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                          pass_fds=(lock_fd,), timeout=_BUILD_TIMEOUT, check=False)
+                          pass_fds=(lock_fd,), timeout=_BUILD_TIMEOUT, check=False,
+                          env=dict(os.environ, PATH=_PATH))
     if proc.returncode != 0:
         raise GuestBuildError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
 
