@@ -140,6 +140,8 @@ class ScacheFS(Passthrough):
         if layer is not None:
             return layer, True
         layer = Layer(key, identity, path, os.dup(fd))
+        # The cache coalesces its own reads; kernel readahead would only read more.
+        os.posix_fadvise(layer.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
         async def fill(offset: int, length: int) -> bytes:
             layer.fills += 1

@@ -1,0 +1,607 @@
+#!/usr/bin/env python3
+"""The boot-storm benchmark: N VMs boot at once from overlays of one base on a slow store.
+
+    bench/storm                      # full run: nas profile, N = 1 4 16 32 + staggered
+    bench/storm --smoke              # N=2 on a tiny synthetic store (what make test runs)
+    bench/storm --n 1,16 --modes direct-none,scachefs-prefetch --profile ssd
+
+Workload: the guest-level block requests (offset, length, time) of one real boot
+of the Debian test guest (tests/guest.py), recorded once with qemu's
+blk_co_preadv/blk_co_pwritev trace events and cached beside the guest image.
+Each VM of a storm is a real qcow2 client replaying that boot on its own overlay:
+`qemu-io --cache=none` (or buffered) with the requests as commands, so qemu's
+qcow2 driver walks the real backing chain. `--vms` boots real TCG guests instead.
+
+Store: an ext4 file system on a loop device (`losetup --direct-io=on`), throttled
+with cgroup v1 blkio (`nas`: 50 MiB/s and 200 IOPS; `ssd`: unthrottled) for
+whichever processes read it: the replayers in the direct modes, the scachefs
+daemon in ours. Page caches are dropped and the daemon restarted before every run.
+
+Writes a table to stdout, JSON to --json (default bench/results/storm.json) and a
+plot to --plot (default docs/storm.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scachefs import traces  # noqa: E402
+from tests import guest  # noqa: E402
+
+MiB = 1 << 20
+PROFILES = {"nas": (50 * MiB, 200), "ssd": (0, 0)}
+MODES = ("direct-none", "direct-pagecache", "direct-pagecache-warm", "scachefs-cold",
+         "scachefs-prefetch", "scachefs-warm")
+CGROUP = Path("/sys/fs/cgroup/blkio/scachefs-storm")
+TRACE_LINE = re.compile(r"@(\d+\.\d+):blk_co_p(read|write)v blk \S+ bs \S+ offset (\d+) "
+                        r"bytes (\d+)")
+
+
+# ------------------------------------------------------------------- workload
+@dataclass
+class Workload:
+    """One boot's block requests: (ms since start, 'r' or 'w', offset, length)."""
+
+    requests: list[tuple[int, str, int, int]]
+    virtual_size: int
+    source: str
+
+    def script(self, think: bool, seed: int) -> list[str]:
+        """qemu-io commands replaying the boot; think time as sleeps if asked."""
+        commands = []
+        previous = 0
+        pattern = 0x10 + seed % 0xE0
+        for ms, op, offset, length in self.requests:
+            if think and ms > previous:
+                commands.append(f"sleep {min(ms - previous, 1000)}")
+            previous = ms
+            if op == "r":
+                commands.append(f"read {offset} {length}")
+            else:
+                commands.append(f"write -P {pattern} {offset} {length}")
+        return commands
+
+    @property
+    def think_ms(self) -> int:
+        total, previous = 0, 0
+        for ms, *_ in self.requests:
+            total += min(max(0, ms - previous), 1000)
+            previous = ms
+        return total
+
+
+def record_workload(image: guest.GuestImage, out: Path) -> Workload:
+    """Boot the guest once with qemu's block trace events on and keep its requests."""
+    with tempfile.TemporaryDirectory(prefix="scachefs-workload-") as tmp:
+        overlay = Path(tmp) / "vm.qcow2"
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.base), "-F", "qcow2",
+           str(overlay))
+        log = Path(tmp) / "trace.log"
+        result = guest.boot(overlay, image, cache="none", extra_args=[
+            "-msg", "timestamp=on", "-trace", "enable=blk_co_preadv",
+            "-trace", "enable=blk_co_pwritev", "-D", str(log)])
+        if not result.reached_multi_user:
+            sys.exit("recording the workload: the guest did not boot")
+        requests = []
+        start = None
+        for line in log.read_text(errors="replace").splitlines():
+            m = TRACE_LINE.search(line)
+            if not m:
+                continue
+            t = float(m.group(1))
+            start = t if start is None else start
+            requests.append((int((t - start) * 1000), m.group(2)[0], int(m.group(3)),
+                             int(m.group(4))))
+    info = json.loads(sh("qemu-img", "info", "--output=json", str(image.base)))
+    workload = Workload(requests, info["virtual-size"], f"boot of {image.base}")
+    out.write_text(json.dumps({"requests": requests, "virtual_size": workload.virtual_size,
+                               "source": workload.source}))
+    return workload
+
+
+def real_workload() -> tuple[Workload, Path]:
+    image = guest.ensure_guest_image()
+    path = image.base.parent / "workload.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return Workload([tuple(r) for r in data["requests"]], data["virtual_size"],  # type: ignore[misc]
+                        data["source"]), image.base
+    print("recording the boot workload of the test guest once ...", flush=True)
+    return record_workload(image, path), image.base
+
+
+def smoke_workload(tmp: Path) -> tuple[Workload, Path]:
+    """A small synthetic boot on a 64 MiB base, for the smoke run."""
+    base = tmp / "smoke-base.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M")
+    sh("qemu-io", "-c", "write -P 0x5a 0 32M", str(base))
+    rng = random.Random(1)
+    requests = []
+    for i in range(200):
+        length = rng.choice([4096, 16384, 65536])
+        requests.append((i * 5, "r", rng.randrange(0, 32 * MiB - length, 4096), length))
+    requests += [(1000 + i, "w", rng.randrange(32 * MiB, 60 * MiB, 4096), 4096)
+                 for i in range(10)]
+    return Workload(requests, 64 * MiB, "synthetic smoke boot"), base
+
+
+# ---------------------------------------------------------------------- store
+def sh(*cmd: str, check: bool = True) -> str:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Store:
+    """An ext4 file system on a direct-I/O loop device: the emulated central store."""
+
+    root: Path
+    loop: str
+    devno: str  # MAJ:MIN
+
+    def stat(self) -> tuple[int, int]:
+        """(read requests, read bytes) the device completed so far."""
+        fields = Path(f"/sys/block/{Path(self.loop).name}/stat").read_text().split()
+        return int(fields[0]), int(fields[2]) * 512
+
+
+@contextlib.contextmanager
+def loop_store(work: Path, size: int) -> Iterator[Store]:
+    image = work / "store.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    loop = sh("losetup", "--direct-io=on", "-f", "--show", str(image)).strip()
+    root = work / "store"
+    root.mkdir()
+    try:
+        sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
+        sh("mount", loop, str(root))
+        st = os.stat(loop)
+        yield Store(root, loop, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=False, capture_output=True)
+
+
+class Throttle:
+    """cgroup v1 blkio limits on the store device for the processes that read it."""
+
+    def __init__(self, store: Store, profile: str) -> None:
+        CGROUP.mkdir(exist_ok=True)
+        bps, iops = PROFILES[profile]
+        (CGROUP / "blkio.throttle.read_bps_device").write_text(f"{store.devno} {bps}\n")
+        (CGROUP / "blkio.throttle.read_iops_device").write_text(f"{store.devno} {iops}\n")
+        self.procs = CGROUP / "cgroup.procs"
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """A command that joins the cgroup before it execs."""
+        return ["sh", "-c", f'echo $$ > {self.procs} && exec "$@"', "sh", *cmd]
+
+    def add(self, pid: int) -> None:
+        self.procs.write_text(f"{pid}\n")
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# ---------------------------------------------------------------------- daemon
+class Daemon:
+    """scachefs in the foreground, in the throttled cgroup."""
+
+    def __init__(self, store: Store, mnt: Path, throttle: Throttle, options: str,
+                 log: Path) -> None:
+        self.mnt = mnt
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            throttle.wrap([sys.executable, "-m", "scachefs", str(store.root), str(mnt), "-f",
+                           "-o", options]), stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if json.loads(os.getxattr(mnt, "user.scachefs.stats"))["schema"] == 1:
+                    return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        sys.exit(f"scachefs did not start; see {log}")
+
+    def stats(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(os.getxattr(self.mnt, "user.scachefs.stats"))
+        return doc
+
+    def layer(self, path: str) -> dict[str, Any]:
+        for layer in self.stats()["layers"]:
+            if layer["path"] == path:
+                return dict(layer)
+        return {}
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False, capture_output=True)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False)
+        self._log.close()
+
+
+def wait_prefetch(daemon: Daemon, path: str, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        layer = daemon.layer(path)
+        if layer.get("prefetch") and not layer["prefetch"]["running"]:
+            return layer
+        time.sleep(0.05)
+    return daemon.layer(path)
+
+
+# ----------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    mode: str
+    n: int
+    stagger: float
+    think: bool
+    vm_seconds: list[float] = field(default_factory=list)
+    makespan: float = 0.0
+    store_reads: int = 0
+    store_bytes: int = 0
+    warm_seconds: float = 0.0
+    daemon_peak_rss: int | None = None
+    daemon_cached: int | None = None
+    useful_ratio: float | None = None
+    think_seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        vm = sorted(self.vm_seconds)
+        p95 = vm[min(len(vm) - 1, round(0.95 * (len(vm) - 1)))]
+        out = {"mode": self.mode, "n": self.n, "stagger_s": self.stagger, "think": self.think,
+               "makespan_s": round(self.makespan, 3),
+               "vm_p50_s": round(statistics.median(vm), 3), "vm_p95_s": round(p95, 3),
+               "vm_max_s": round(vm[-1], 3), "store_reads": self.store_reads,
+               "store_bytes": self.store_bytes,
+               "store_bytes_per_vm": self.store_bytes // max(1, self.n),
+               "warm_s": round(self.warm_seconds, 3), "useful_prefetch": self.useful_ratio,
+               "daemon_peak_rss": self.daemon_peak_rss, "daemon_cached": self.daemon_cached}
+        if self.think:
+            out["stall_p50_s"] = round(statistics.median(vm) - self.think_seconds, 3)
+        if self.daemon_peak_rss is not None and self.daemon_cached is not None:
+            out["rss_minus_cached_mib"] = round(
+                (self.daemon_peak_rss - self.daemon_cached) / MiB, 1)
+        return out
+
+
+class Bench:
+    def __init__(self, store: Store, work: Path, workload: Workload, profile: str,
+                 log: Path, chunk_size: str) -> None:
+        self.chunk_size = chunk_size
+        self.store = store
+        self.work = work
+        self.workload = workload
+        self.throttle = Throttle(store, profile)
+        self.mnt = work / "mnt"
+        self.mnt.mkdir(exist_ok=True)
+        self.log = log
+        self.working_set: traces.WorkingSet | None = None
+
+    def record_trace(self) -> None:
+        """Record the boot once through scachefs (unthrottled) so prefetch has a trace."""
+        daemon = Daemon(self.store, self.mnt, self.throttle,
+                        f"record=on,prefetch=off,chunk_size={self.chunk_size}", self.log)
+        try:
+            self._overlays(1, "rec")
+            self._replay(self.mnt / "rec0.qcow2", cache="none", think=False)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                trace = daemon.layer("base.qcow2").get("trace") or {}
+                if trace.get("status") == "recorded" and not trace.get("recording"):
+                    break
+                time.sleep(0.1)
+        finally:
+            daemon.stop()
+        files = list((self.store.root / ".scache" / "traces").iterdir())
+        decoded = [traces.decode(f.read_bytes()) for f in files]
+        self.working_set = traces.merge(decoded, decoded[0].layer, decoded[0].chunk_size)
+
+    def _overlays(self, n: int, prefix: str = "vm") -> None:
+        for i in range(n):
+            path = self.store.root / f"{prefix}{i}.qcow2"
+            path.unlink(missing_ok=True)
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+               str(path))
+
+    def _replay_cmd(self, image: Path, cache: str, think: bool, seed: int) -> list[str]:
+        cmd = ["qemu-io", f"--cache={cache}"]
+        for command in self.workload.script(think, seed):
+            cmd += ["-c", command]
+        return [*cmd, str(image)]
+
+    def _replay(self, image: Path, cache: str, think: bool) -> None:
+        subprocess.run(self._replay_cmd(image, cache, think, 0), check=True,
+                       capture_output=True)
+
+    def warm_page_cache(self) -> None:
+        """The zero-code baseline: read the trace's extents of the base beforehand."""
+        assert self.working_set is not None
+        runs = traces.plan_runs(self.working_set.chunks, self.working_set.chunk_size,
+                                (self.store.root / "base.qcow2").stat().st_size)
+        script = ("import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\n"
+                  "for a in sys.argv[2:]:\n o,n=map(int,a.split(':'));os.pread(fd,n,o)\n")
+        args = [f"{o}:{n}" for o, n, _ in runs]
+        subprocess.run(self.throttle.wrap([sys.executable, "-c", script,
+                                           str(self.store.root / "base.qcow2"), *args]),
+                       check=True)
+
+    def run(self, mode: str, n: int, stagger: float = 0.0, think: bool = False) -> Run:
+        result = Run(mode, n, stagger, think, think_seconds=self.workload.think_ms / 1000)
+        self._overlays(n)
+        drop_caches()
+        daemon = None
+        via_mount = mode.startswith("scachefs")
+        if via_mount:
+            options = {"scachefs-cold": "record=off,prefetch=off",
+                       "scachefs-prefetch": "record=off,prefetch=open",
+                       "scachefs-warm": "record=off,prefetch=open"}[mode]
+            daemon = Daemon(self.store, self.mnt, self.throttle,
+                            f"{options},cache_size=2G,allow_other,chunk_size={self.chunk_size}",
+                            self.log)
+        root = self.mnt if via_mount else self.store.root
+        cache = "writeback" if mode.startswith("direct-pagecache") else "none"
+        if mode == "direct-pagecache-warm":
+            start = time.monotonic()
+            self.warm_page_cache()
+            result.warm_seconds = time.monotonic() - start
+        if mode == "scachefs-warm" and daemon is not None:
+            start = time.monotonic()
+            os.setxattr(self.mnt, "user.scachefs.command",
+                        b'{"action": "warm", "path": "base.qcow2"}')
+            time.sleep(0.05)
+            wait_prefetch(daemon, "base.qcow2")
+            result.warm_seconds = time.monotonic() - start
+        before = self.store.stat()
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set() and daemon is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    peak[0] = max(peak[0], daemon.rss())
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        wrap = (lambda c: c) if via_mount else self.throttle.wrap
+        t0 = time.monotonic()
+        procs: list[tuple[float, subprocess.Popen[bytes]]] = []
+        for i in range(n):
+            if stagger:
+                delay = t0 + i * stagger - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            procs.append((time.monotonic(), subprocess.Popen(
+                wrap(self._replay_cmd(root / f"vm{i}.qcow2", cache, think, i)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        ends = []
+        for started, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                sys.exit(f"{mode}: a replay failed: {err.decode(errors='replace')[-500:]}")
+            ends.append(time.monotonic())
+            result.vm_seconds.append(ends[-1] - started)
+        result.makespan = max(ends) - t0
+        done.set()
+        after = self.store.stat()
+        result.store_reads = after[0] - before[0]
+        result.store_bytes = after[1] - before[1]
+        if daemon is not None:
+            stats = daemon.stats()
+            layer = daemon.layer("base.qcow2")
+            result.daemon_peak_rss = peak[0]
+            result.daemon_cached = stats["cache"]["used_bytes"]
+            if layer.get("prefetch"):
+                result.useful_ratio = layer["prefetch"]["useful_ratio"]
+            daemon.stop()
+        return result
+
+
+# --------------------------------------------------------------------- report
+def table(rows: list[dict[str, Any]], floor: float | None) -> str:
+    by_key = {(r["mode"], r["n"], r["stagger_s"]): r for r in rows}
+    lines = [f"{'mode':<22}{'N':>4}{'stag':>5}{'makespan':>10}{'p50':>7}{'p95':>7}{'max':>7}"
+             f"{'store MiB':>10}{'reqs':>7}{'MiB/VM':>8}{'warm':>6}{'useful':>7}"
+             f"{'rss-c':>7}{'vs none':>8}{'vs pc':>7}"]
+    for r in rows:
+        none = by_key.get(("direct-none", r["n"], r["stagger_s"]))
+        pc = by_key.get(("direct-pagecache", r["n"], r["stagger_s"]))
+        useful = "-" if r["useful_prefetch"] is None else f"{r['useful_prefetch']:.2f}"
+        rss = "-" if r.get("rss_minus_cached_mib") is None else f"{r['rss_minus_cached_mib']:.0f}"
+        lines.append(
+            f"{r['mode']:<22}{r['n']:>4}{r['stagger_s']:>5.1f}{r['makespan_s']:>10.2f}"
+            f"{r['vm_p50_s']:>7.2f}{r['vm_p95_s']:>7.2f}{r['vm_max_s']:>7.2f}"
+            f"{r['store_bytes'] / MiB:>10.1f}{r['store_reads']:>7}"
+            f"{r['store_bytes_per_vm'] / MiB:>8.1f}{r['warm_s']:>6.2f}{useful:>7}{rss:>7}"
+            f"{(r['makespan_s'] / none['makespan_s']) if none else float('nan'):>8.2f}"
+            f"{(r['makespan_s'] / pc['makespan_s']) if pc else float('nan'):>7.2f}")
+    if floor is not None:
+        lines.append(f"\nphysical floor (unique working set / bandwidth or extents / IOPS): "
+                     f"{floor:.2f} s")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]], ws_bytes: int, floor: float | None) -> list[str]:
+    """The issue's targets at N=16 (nas, no think time), met or MISSED."""
+    out = []
+    get = {(r["mode"], r["n"]): r for r in rows if r["stagger_s"] == 0 and not r["think"]}
+    n = 16 if ("scachefs-prefetch", 16) in get else max((k[1] for k in get), default=0)
+    pre, none, pc = (get.get((m, n)) for m in ("scachefs-prefetch", "direct-none",
+                                               "direct-pagecache"))
+    if pre:
+        ratio = pre["store_bytes"] / ws_bytes
+        out.append(f"N={n} store bytes {ratio:.2f}x the unique working set (target <= 1.1): "
+                   f"{'met' if ratio <= 1.1 else 'MISSED'}")
+    if pre and none:
+        r = pre["makespan_s"] / none["makespan_s"]
+        out.append(f"N={n} prefetch makespan {r:.3f} of direct-none (target <= 0.1): "
+                   f"{'met' if r <= 0.1 else 'MISSED'}")
+    if pre and pc:
+        r = pre["makespan_s"] / pc["makespan_s"]
+        out.append(f"N={n} prefetch makespan {r:.3f} of direct-pagecache (target <= 0.5): "
+                   f"{'met' if r <= 0.5 else 'MISSED'}")
+    if pre and floor:
+        r = pre["makespan_s"] / floor
+        out.append(f"N={n} prefetch makespan {r:.2f}x the physical floor (target <= 1.5): "
+                   f"{'met' if r <= 1.5 else 'MISSED'}")
+    one = {m: get.get((m, 1)) for m in MODES}
+    if one["scachefs-prefetch"] and one["direct-pagecache"]:
+        r = one["scachefs-prefetch"]["makespan_s"] / one["direct-pagecache"]["makespan_s"]
+        out.append(f"N=1 with a trace {r:.2f}x direct-pagecache (target <= 1.0): "
+                   f"{'met' if r <= 1.0 else 'MISSED'}")
+    if one["scachefs-cold"] and one["direct-pagecache"]:
+        r = one["scachefs-cold"]["makespan_s"] / one["direct-pagecache"]["makespan_s"]
+        out.append(f"N=1 cold {r:.2f}x direct-pagecache (target <= 1.2): "
+                   f"{'met' if r <= 1.2 else 'MISSED'}")
+    rss = [r["rss_minus_cached_mib"] for r in rows if r.get("rss_minus_cached_mib") is not None]
+    if rss:
+        out.append(f"daemon RSS - cached: {min(rss):.0f}..{max(rss):.0f} MiB (target <= 64): "
+                   f"{'met' if max(rss) <= 64 else 'MISSED'}")
+    return out
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in MODES:
+        pts = sorted((r["n"], r["makespan_s"], r["store_bytes"] / MiB) for r in rows
+                     if r["mode"] == mode and r["stagger_s"] == 0 and not r["think"])
+        if not pts:
+            continue
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode)
+    for ax, title, unit in ((ax1, "storm makespan", "seconds"),
+                            (ax2, "bytes read from the store", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("VMs booting at once (N)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+# ------------------------------------------------------------------------ main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="N=2, tiny synthetic store: checks the harness (make test)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="nas")
+    parser.add_argument("--n", default="1,4,16,32", help="storm sizes, comma separated")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--stagger", type=float, default=0.5,
+                        help="also run the largest N with one VM every SECONDS (0: skip)")
+    parser.add_argument("--think", action="store_true",
+                        help="also replay think time (I/O stall = replay - think)")
+    parser.add_argument("--chunk-size", default="64K", help="scachefs chunk_size option")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "storm.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "storm.png")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/storm needs root (loop devices, cgroups, FUSE)")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        sys.exit(f"unknown modes: {', '.join(sorted(unknown))}")
+    sizes = [2] if args.smoke else [int(x) for x in args.n.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="scachefs-storm-", dir="/var/tmp"))
+    log = work / "scachefs.log"
+    rows: list[dict[str, Any]] = []
+    try:
+        workload, base = smoke_workload(work) if args.smoke else real_workload()
+        store_size = base.stat().st_size + 4 * max(sizes) * 16 * MiB + 1024 * MiB
+        with loop_store(work, store_size) as store:
+            shutil.copyfile(base, store.root / "base.qcow2")
+            bench = Bench(store, work, workload, args.profile, log, args.chunk_size)
+            print(f"workload: {workload.source}: {len(workload.requests)} requests; store "
+                  f"{store.loop} ({args.profile}); log {log}", flush=True)
+            bench.record_trace()
+            ws = bench.working_set
+            assert ws is not None
+            bw, iops = PROFILES[args.profile]
+            extents = len(traces.plan_runs(ws.chunks, ws.chunk_size,
+                                           (store.root / "base.qcow2").stat().st_size))
+            floor = max(ws.bytes / bw if bw else 0, extents / iops if iops else 0) or None
+            plan = [(m, n, 0.0) for n in sizes for m in modes]
+            if args.stagger and not args.smoke:
+                plan += [(m, max(sizes), args.stagger) for m in modes]
+            for mode, n, stagger in plan:
+                print(f"  {mode} N={n}{f' staggered {stagger} s' if stagger else ''} ...",
+                      end="", flush=True)
+                row = bench.run(mode, n, stagger).row()
+                rows.append(row)
+                print(f" {row['makespan_s']:.2f} s, {row['store_bytes'] / MiB:.1f} MiB "
+                      f"in {row['store_reads']} reads", flush=True)
+                if args.think and stagger == 0 and n == sizes[0]:
+                    rows.append(bench.run(mode, n, 0.0, think=True).row())
+        summary = {"profile": args.profile, "chunk_size": args.chunk_size,
+                   "workload": workload.source,
+                   "requests": len(workload.requests), "working_set_bytes": ws.bytes,
+                   "working_set_extents": extents, "floor_s": floor, "rows": rows}
+        # The unique working set: what one VM's boot needs from the store, read exactly
+        # (direct-none, O_DIRECT, N=1); the trace's chunk-level set when that was not run.
+        exact = [r["store_bytes"] for r in rows
+                 if r["mode"] == "direct-none" and r["n"] == 1 and not r["stagger_s"]]
+        unique = exact[0] if exact else ws.bytes
+        summary["unique_working_set_bytes"] = unique
+        summary["targets"] = targets(rows, unique, floor)
+        print()
+        print(table(rows, floor))
+        print()
+        for line in summary["targets"]:
+            print("target " + line)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+        print(f"\nJSON: {args.json}")
+        if not args.smoke:
+            plot(rows, args.plot)
+            print(f"plot: {args.plot}")
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(work / "mnt")], check=False,
+                       capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""bench/storm --smoke: the boot-storm harness end to end on a tiny store, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_storm_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "storm.json"
+    result = run(sys.executable, REPO / "bench" / "storm.py", "--smoke", "--json", out,
+                 timeout=900)
+    assert "physical floor" in result.stdout
+    doc = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in doc["rows"]}
+    assert set(rows) == {"direct-none", "direct-pagecache", "direct-pagecache-warm",
+                         "scachefs-cold", "scachefs-prefetch", "scachefs-warm"}
+    for row in rows.values():
+        assert row["n"] == 2 and row["makespan_s"] > 0 and row["vm_max_s"] >= row["vm_p50_s"]
+    # Without a shared cache each VM reads the store; the page cache shares the base.
+    assert rows["direct-none"]["store_reads"] > rows["direct-pagecache"]["store_reads"]
+    # Warmed modes leave (almost) nothing for the storm to read from the store.
+    assert rows["scachefs-warm"]["store_bytes"] < rows["scachefs-cold"]["store_bytes"] / 4
+    assert rows["scachefs-warm"]["warm_s"] > 0 and rows["direct-pagecache-warm"]["warm_s"] > 0
+    assert rows["scachefs-prefetch"]["useful_prefetch"] > 0.5
+    for mode in ("scachefs-cold", "scachefs-prefetch", "scachefs-warm"):
+        assert 0 < rows[mode]["rss_minus_cached_mib"] < 256
+    assert doc["targets"] and doc["working_set_bytes"] > 0
