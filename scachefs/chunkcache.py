@@ -336,6 +336,7 @@ class ChunkCache:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_fill_bytes: int = 1 << 20,
         policy: str = "s3fifo",
+        miss_window: int = 0,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
@@ -349,6 +350,8 @@ class ChunkCache:
         self.policy = policy
         # A run is at least one chunk even if max_fill_bytes is smaller.
         self._max_run = max(1, max_fill_bytes // chunk_size)
+        # Chunks a demand miss reads at least (aligned), within one run.
+        self._window = min(self._max_run, max(1, miss_window // chunk_size))
         self._policy: _Policy
         if policy == "s3fifo":
             self._policy = _S3FIFO(budget_bytes, chunk_size)
@@ -511,7 +514,14 @@ class ChunkCache:
         end = min(offset + size, layer.size)
         first = offset // cs
         last = (end - 1) // cs
-        pieces = await self._gather(layer, first, last)
+        # A miss reads at least the aligned window around it: small chunks keep
+        # prefetch exact, the window keeps cold boots from paying one store request
+        # per small chunk.
+        w = self._window
+        wfirst = first - first % w
+        wlast = min(last - last % w + w - 1, (layer.size - 1) // cs)
+        pieces = await self._gather(layer, wfirst, wlast)
+        pieces = pieces[first - wfirst:last - wfirst + 1]
         data = _join(pieces, offset - first * cs, end - last * cs)
         layer.stats.miss_bytes += len(data)
         self.total.miss_bytes += len(data)

@@ -34,7 +34,9 @@ mount options (-o name[=value],...):
   ro                   mount read-only (also: nodev, nosuid, noexec, noatime, ...)
   cache_size=SIZE      memory budget of the shared layer cache, e.g. 512M, 2G, 10%%
                        (of RAM); default: 25%% of RAM
-  chunk_size=SIZE      cache chunk size, a power of two from 4K to 1M (default 64K)
+  chunk_size=SIZE      cache chunk size, a power of two from 4K to 1M (default 16K)
+  readahead=SIZE       a read that misses fetches at least this aligned window from the
+                       store (default 64K; 0 = just the chunks asked for)
   attr_timeout=SEC     how long the kernel may cache attributes (default 10)
   entry_timeout=SEC    how long the kernel may cache name lookups (default 10)
   threads=N            worker threads for store I/O (default 16)

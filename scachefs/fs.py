@@ -90,7 +90,8 @@ class ScacheFS(Passthrough):
         super().__init__(root_fd, options)
         self.source, self.mountpoint = source, mountpoint
         self.owner_uid = os.getuid()
-        self.cache = ChunkCache(options.cache_budget(), options.chunk_size)
+        self.cache = ChunkCache(options.cache_budget(), options.chunk_size,
+                                miss_window=options.readahead)
         self.shadow = Shadow()
         self.layers: dict[Key, Layer] = {}
         self.writers: Counter[Key] = Counter()

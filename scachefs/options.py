@@ -41,7 +41,8 @@ class MountOptions:
     allow_other: bool = False
     kernel_flags: tuple[str, ...] = ()
     cache_size: int | None = None  # bytes; None means "a fraction of RAM", see cache_budget()
-    chunk_size: int = 64 << 10
+    chunk_size: int = 16 << 10
+    readahead: int = 64 << 10  # a demand miss reads at least this aligned window
     attr_timeout: float = 10.0
     entry_timeout: float = 10.0
     threads: int = 16
@@ -157,6 +158,11 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                         f"option chunk_size: must be a power of two from 4K to 1M, got {value!r}"
                     )
                 opts.chunk_size = size
+            elif name == "readahead":
+                size = parse_size(value, name)
+                if size > (1 << 20):
+                    raise OptionError(f"option readahead: at most 1M, got {value!r}")
+                opts.readahead = size
             elif name == "attr_timeout":
                 opts.attr_timeout = _parse_float(value, name, 0, 86400)
             elif name == "entry_timeout":

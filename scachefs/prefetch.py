@@ -27,6 +27,7 @@ from scachefs.traces import WorkingSet, plan_runs
 log = logging.getLogger(__name__)
 
 BUDGET_SHARE = 0.9  # pinned bytes may use at most this share of the budget
+GAP_BYTES = 128 << 10  # a gap this small between wanted chunks is read to save a request
 
 
 @dataclasses.dataclass
@@ -72,7 +73,8 @@ async def prefetch(cache: ChunkCache, buffer: LayerBuffer, working_set: WorkingS
                    demand_waiting: Callable[[], int]) -> None:
     """Read a working set into the cache; updates ``progress`` as it goes."""
     cs = cache.chunk_size
-    runs = plan_runs(working_set.chunks, cs, buffer.size, max_bytes=cache.max_fill_bytes)
+    runs = plan_runs(working_set.chunks, cs, buffer.size, max_bytes=cache.max_fill_bytes,
+                     max_gap=max(1, GAP_BYTES // cs))
     wanted = set(working_set.chunks)
     cache.pin(buffer, wanted)
     start = time.monotonic()

@@ -682,3 +682,21 @@ async def test_s3fifo_ghost_readmits_to_main() -> None:
         await cache.read(layer, i * cs, cs)
     assert layer.is_resident(0)
     cache.check_invariants()
+
+
+@pytest.mark.trio
+async def test_a_miss_reads_the_aligned_window_around_it() -> None:
+    data = bytes(range(256)) * 1024  # 256 KiB
+    calls: list[tuple[int, int]] = []
+
+    async def fill(offset: int, length: int) -> bytes:
+        calls.append((offset, length))
+        return data[offset:offset + length]
+
+    cache = ChunkCache(1 << 20, chunk_size=16384, miss_window=65536)
+    layer = cache.layer("w", len(data), fill)
+    assert await cache.read(layer, 70000, 100) == data[70000:70100]
+    assert calls == [(65536, 65536)]  # the whole aligned 64 KiB window, one store read
+    assert cache.lookup(layer, 65536, 65536) == data[65536:131072]  # now all hits
+    assert await cache.read(layer, len(data) - 10, 100) == data[-10:]  # clamped at EOF
+    assert calls[-1] == (196608, 65536)

@@ -11,7 +11,7 @@ def test_defaults() -> None:
     opts = parse_options([])
     assert not opts.allow_other
     assert opts.cache_size is None and opts.cache_budget() > 0
-    assert opts.chunk_size == 64 << 10
+    assert opts.chunk_size == 16 << 10 and opts.readahead == 64 << 10
 
 
 def test_values_and_later_options_win() -> None:
