@@ -156,6 +156,29 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+# Per-layer metrics: (name, type, help, field of the layer in the stats document).
+_LAYER_METRICS = (
+    ("scachefs_layer_size_bytes", "gauge", "Size of the backing layer file.", "size"),
+    ("scachefs_layer_open_handles", "gauge", "Open read handles (attached VMs).",
+     "open_handles"),
+    ("scachefs_layer_resident_bytes", "gauge", "Bytes of the layer in the cache.",
+     "resident_bytes"),
+    ("scachefs_layer_served_bytes_total", "counter", "Bytes returned to readers.",
+     "served_bytes"),
+    ("scachefs_layer_hits_total", "counter", "Reads served from memory.", "hit_ops"),
+    ("scachefs_layer_misses_total", "counter", "Reads that waited for the store.", "miss_ops"),
+    ("scachefs_layer_store_read_bytes_total", "counter", "Bytes read from the store.",
+     "store_bytes"),
+    ("scachefs_layer_store_reads_total", "counter", "Read requests sent to the store.",
+     "store_reads"),
+    ("scachefs_layer_singleflight_joins_total", "counter",
+     "Reads that joined a store read already in flight.", "singleflight_joins"),
+    ("scachefs_layer_evictions_total", "counter", "Chunks evicted.", "evictions"),
+    ("scachefs_layer_identity_changes_total", "counter",
+     "Times the layer changed on the store.", "identity_changes"),
+)
+
+
 def format_prometheus(doc: dict[str, Any]) -> str:
     """Prometheus text exposition format (node_exporter textfile collector ready)."""
     mp = _label(doc["mountpoint"])
@@ -182,34 +205,16 @@ def format_prometheus(doc: dict[str, Any]) -> str:
     layers = doc["layers"]
 
     def per_layer(field: str) -> list[tuple[str, float]]:
-        return [(f'{base},layer="{_label(str(layer["path"]))}"', layer.get(field, 0) or 0)
+        def value(layer: dict[str, Any]) -> float:
+            if field == "served_bytes":
+                return float(layer.get("hit_bytes", 0) + layer.get("miss_bytes", 0))
+            return float(layer.get(field, 0) or 0)
+
+        return [(f'{base},layer="{_label(str(layer["path"]))}"', value(layer))
                 for layer in layers]
 
-    def served(layer: dict[str, Any]) -> float:
-        return float(layer.get("hit_bytes", 0) + layer.get("miss_bytes", 0))
-
-    metric("scachefs_layer_size_bytes", "gauge", "Size of the backing layer file.",
-           per_layer("size"))
-    metric("scachefs_layer_open_handles", "gauge", "Open read handles (attached VMs).",
-           per_layer("open_handles"))
-    metric("scachefs_layer_resident_bytes", "gauge", "Bytes of the layer in the cache.",
-           per_layer("resident_bytes"))
-    metric("scachefs_layer_served_bytes_total", "counter", "Bytes returned to readers.",
-           [(f'{base},layer="{_label(str(layer["path"]))}"', served(layer)) for layer in layers])
-    metric("scachefs_layer_hits_total", "counter", "Reads served from memory.",
-           per_layer("hit_ops"))
-    metric("scachefs_layer_misses_total", "counter", "Reads that waited for the store.",
-           per_layer("miss_ops"))
-    metric("scachefs_layer_store_read_bytes_total", "counter", "Bytes read from the store.",
-           per_layer("store_bytes"))
-    metric("scachefs_layer_store_reads_total", "counter", "Read requests sent to the store.",
-           per_layer("store_reads"))
-    metric("scachefs_layer_singleflight_joins_total", "counter",
-           "Reads that joined a store read already in flight.", per_layer("singleflight_joins"))
-    metric("scachefs_layer_evictions_total", "counter", "Chunks evicted.",
-           per_layer("evictions"))
-    metric("scachefs_layer_identity_changes_total", "counter",
-           "Times the layer changed on the store.", per_layer("identity_changes"))
+    for name, kind, help_text, field in _LAYER_METRICS:
+        metric(name, kind, help_text, per_layer(field))
     metric("scachefs_store_read_errors_total", "counter", "Store reads that failed.",
            [(base, totals["fill_errors"])])
     # The request-size histogram, cumulative as Prometheus wants it.
