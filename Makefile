@@ -14,7 +14,7 @@ BINDIR := /usr/local/bin
 SBINDIR := /sbin
 MANDIR := /usr/local/share/man
 
-.PHONY: all setup apt venv helpers demo test test-quick lint clean
+.PHONY: all setup apt venv helpers demo test test-quick soak lint clean
 
 all: test
 
@@ -60,6 +60,11 @@ test: setup
 
 test-quick: setup
 	$(PY) -m pytest -q -x -m "not slow"
+
+# The stress test for longer (10 minutes by default; SOAK_SECONDS=... to change).
+SOAK_SECONDS ?= 600
+soak: setup
+	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v tests/test_stress.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -10,9 +10,11 @@ prefetch of that working set at a layer's first boot, at mount time
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -59,12 +61,21 @@ def open_trace_store(root_fd: int, options: MountOptions) -> TraceStore | None:
                 if fd != root_fd:
                     os.close(fd)
                 fd = new
+                _check_private(fd, os.fstat(root_fd).st_uid)
     except OSError as exc:
         log.warning("boot traces disabled: cannot use the trace directory %s: %s", where,
                     exc.strerror or exc)
         return None
     log.info("boot traces in %s (host id %s)", where, host)
     return TraceStore(fd, host)
+
+
+def _check_private(fd: int, store_owner: int) -> None:
+    """Refuse a trace directory someone else could write (e.g. made by a user beforehand)."""
+    st = os.fstat(fd)
+    if st.st_uid not in (os.geteuid(), store_owner) or st.st_mode & 0o022:
+        raise OSError(errno.EPERM, f"owned by uid {st.st_uid} with mode "
+                      f"{stat.S_IMODE(st.st_mode):o}: only the daemon's user may write it")
 
 
 def _layer_id(layer: Layer) -> LayerId:
@@ -210,10 +221,15 @@ class Boots:
             layer_id = _layer_id(layer)
             mine = [f for f in layer.trace_files if f.host == store.host and f.layer == layer_id]
             previous = mine[0].boots if mine else []
-            trace = TraceFile(layer_id, cs, store.host, [*previous, boot])
+            trace = TraceFile(layer_id, cs, store.host,
+                              [*previous, boot][-traces.MAX_BOOTS_PER_FILE:])
             name = await self.workers.run(store.save, trace)
         except (OSError, traces.TraceError) as exc:
             log.warning("could not save the boot trace of %s: %s", layer.path, exc)
+            self._merge(layer)  # back to what the traces say; auto records the next boot
+            current = layer.trace is not None and layer.trace.current
+            record = self.options.record
+            layer.should_record = record == "on" or (record == "auto" and not current)
             return
         layer.trace_files = [f for f in layer.trace_files if f.host != store.host] + [trace]
         self._merge(layer)

@@ -337,6 +337,7 @@ class ChunkCache:
         max_fill_bytes: int = 1 << 20,
         policy: str = "s3fifo",
         miss_window: int = 0,
+        pin_limit: int | None = None,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
@@ -345,6 +346,8 @@ class ChunkCache:
         if max_fill_bytes <= 0:
             raise ValueError(f"max_fill_bytes must be > 0, not {max_fill_bytes}")
         self._budget = budget_bytes
+        # Pinned bytes never exceed this, so other layers always keep room to cache.
+        self.pin_limit = budget_bytes if pin_limit is None else min(pin_limit, budget_bytes)
         self.chunk_size = chunk_size
         self.max_fill_bytes = max_fill_bytes
         self.policy = policy
@@ -716,6 +719,9 @@ class ChunkCache:
             return True
         nbytes = len(chunk)
         pinned = index in layer._pinned
+        if pinned and self._pinned_bytes + nbytes > self.pin_limit:
+            layer._pinned.discard(index)  # past the pin limit: cache it unpinned
+            pinned = False
         # Pinned bytes cannot be evicted: give up early instead of flushing the
         # cache for a chunk that would not fit anyway.
         if self._pinned_bytes + nbytes > self._budget:
@@ -749,11 +755,13 @@ class ChunkCache:
         for index in chunk_indices:
             if index in pinned:
                 continue
-            pinned.add(index)
             chunk = chunks.get(index)
             if chunk is not None:
+                if self._pinned_bytes + len(chunk) > self.pin_limit:
+                    continue
                 self._policy.remove(layer, index)
                 self._pinned_bytes += len(chunk)
+            pinned.add(index)
 
     def unpin(self, layer: LayerBuffer, chunk_indices: Iterable[int]) -> None:
         """Make pinned chunks evictable again (they rejoin the policy as if hot)."""

@@ -90,9 +90,18 @@ def stats_document(fs: ScacheFS) -> dict[str, Any]:
     }
 
 
-def encode_stats(fs: ScacheFS) -> bytes:
-    """The stats document as compact JSON that fits in one xattr value."""
+def encode_stats(fs: ScacheFS, paths: bool = True) -> bytes:
+    """The stats document as compact JSON that fits in one xattr value.
+
+    Without ``paths`` (callers other than root and the mount's owner), layer paths
+    are replaced by their inode keys: a path can name a directory the caller may
+    not list.
+    """
     doc = stats_document(fs)
+    if not paths:
+        for layer in doc["layers"]:
+            layer["path"] = f"inode {layer['key']}"
+        doc["paths_hidden"] = True
     data = json.dumps(doc, separators=(",", ":")).encode()
     if len(data) > XATTR_SIZE_MAX:
         # Keep the busiest layers; say so in the document.

@@ -31,7 +31,7 @@ from scachefs.chunkcache import ChunkCache, LayerBuffer
 from scachefs.inodes import ROOT_INODE
 from scachefs.options import MountOptions
 from scachefs.passthrough import OpenDir, OpenFile, Passthrough, fuse_errors
-from scachefs.prefetch import Progress
+from scachefs.prefetch import BUDGET_SHARE, Progress
 from scachefs.recorder import BootSession
 from scachefs.shadow import ImageNode, Key, Shadow, key_of, probe_image, scan_store
 from scachefs.traces import TraceFile, WorkingSet
@@ -90,8 +90,9 @@ class ScacheFS(Passthrough):
         super().__init__(root_fd, options)
         self.source, self.mountpoint = source, mountpoint
         self.owner_uid = os.getuid()
-        self.cache = ChunkCache(options.cache_budget(), options.chunk_size,
-                                miss_window=options.readahead)
+        budget = options.cache_budget()
+        self.cache = ChunkCache(budget, options.chunk_size, miss_window=options.readahead,
+                                pin_limit=int(budget * BUDGET_SHARE))
         self.shadow = Shadow()
         self.layers: dict[Key, Layer] = {}
         self.writers: Counter[Key] = Counter()
@@ -339,7 +340,9 @@ class ScacheFS(Passthrough):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == control.STATS_XATTR:
-            return control.encode_stats(self)
+            # Layer paths may sit in directories the caller cannot list: only root
+            # and the mount's owner see them.
+            return control.encode_stats(self, paths=control.may_act(ctx.uid, self.owner_uid))
         return await super().getxattr(inode, name, ctx)
 
     @fuse_errors

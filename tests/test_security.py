@@ -200,9 +200,6 @@ def test_statistics_need_read_access_to_the_mount_root(
     assert user_stats(mnt)[0] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the statistics show every layer's store path "
-                   "to anyone who may read the mount root, even names inside directories "
-                   "that user may not search")
 def test_statistics_do_not_reveal_names_the_user_cannot_see(
         store: Path, mnt: Path, mount_factory: MountFactory,
         user: pwd.struct_passwd) -> None:
@@ -334,8 +331,6 @@ def test_trace_files_never_follow_symlinks(
     assert traces_decode(final.read_bytes()).host == "h1"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after a trace fails to save, the layer is never "
-                   "recorded again on this mount and its status stays 'recording'")
 def test_a_failed_trace_save_does_not_stop_recording(
         store: Path, mnt: Path, mount_factory: MountFactory) -> None:
     base = make_boot_base(store)
@@ -373,9 +368,6 @@ def test_a_trace_directory_that_is_a_symlink_is_refused(
     assert list((elsewhere / "traces").iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a trace directory created in the store by a "
-                   "local user before the first mount is trusted: the user can then plant, "
-                   "replace or delete the daemon's trace files")
 def test_a_trace_directory_owned_by_a_user_is_not_trusted(
         store: Path, mnt: Path, mount_factory: MountFactory,
         user: pwd.struct_passwd) -> None:

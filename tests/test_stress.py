@@ -155,8 +155,7 @@ def sha256(path: Path) -> str:
 def test_storm_through_a_small_cache(store: Path, mnt: Path, mount_factory: MountFactory,
                                      tmp_path: Path) -> None:
     build_store(store)
-    mount: Mount = mount_factory(store, mnt, "allow_other", "cache_size=8M",
-                                 allow=("cache budget",))
+    mount: Mount = mount_factory(store, mnt, "allow_other", "cache_size=8M")
     storm = Storm(time.monotonic() + STORM_SECONDS)
     last_write: dict[int, int] = {}
     commits: list[int] = []
