@@ -114,7 +114,12 @@ class Boots:
                 return
             store = self.store
             ino = layer.identity[1]
-            files, rejected = await self.workers.run(store.load, ino)
+            try:
+                files, rejected = await self.workers.run(store.load, ino)
+            except OSError as exc:  # e.g. the trace directory cannot be listed
+                log.warning("cannot read the boot traces of %s: %s", layer.path,
+                            exc.strerror or exc)
+                files, rejected = [], []
             for name, reason in rejected:
                 log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
             layer.trace_files = files

@@ -30,7 +30,7 @@ from scachefs.boots import TRACE_DIR, Boots, open_trace_store
 from scachefs.chunkcache import ChunkCache, LayerBuffer
 from scachefs.inodes import ROOT_INODE
 from scachefs.options import MountOptions
-from scachefs.passthrough import OpenDir, OpenFile, Passthrough, fuse_errors
+from scachefs.passthrough import OpenDir, OpenFile, Passthrough, fuse_errors, pread_full
 from scachefs.prefetch import BUDGET_SHARE, Progress
 from scachefs.recorder import BootSession
 from scachefs.shadow import ImageNode, Key, Shadow, key_of, probe_image, scan_store
@@ -148,7 +148,12 @@ class ScacheFS(Passthrough):
         async def fill(offset: int, length: int) -> bytes:
             layer.fills += 1
             try:
-                return await self.workers.run(os.pread, layer.fd, length, offset)
+                data = await self.workers.run(pread_full, layer.fd, length, offset)
+                if len(data) < length:
+                    log.warning("store read of layer %s at %d+%d failed: short read of %d "
+                                "bytes (the file shrank?)", layer.path, offset, length,
+                                len(data))
+                return data
             except OSError as exc:
                 log.warning("store read of layer %s at %d+%d failed: %s", layer.path, offset,
                             length, exc.strerror)
@@ -248,7 +253,7 @@ class ScacheFS(Passthrough):
         handle = self.files[fh]
         layer = handle.layer if isinstance(handle, LayerHandle) else None
         if layer is None or not layer.active:
-            return await self.workers.run(os.pread, handle.fd, size, off)
+            return await self.workers.run(pread_full, handle.fd, size, off)
         if layer.session is not None and layer.session_owner is handle:
             layer.session.note(off, size, time.monotonic())
         progress = layer.progress
@@ -260,6 +265,8 @@ class ScacheFS(Passthrough):
             self.demand_waiting += 1
             try:
                 data = await self.cache.read(layer.buffer, off, size)
+            except OSError as exc:  # the fill that failed logged it, once for all waiters
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
             finally:
                 self.demand_waiting -= 1
         return data

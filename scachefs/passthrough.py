@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,11 +31,29 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # Flags that make no sense when the daemon reopens an existing object for a caller.
-_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+# O_NOFOLLOW: the kernel already resolved the name without following it, and the
+# reopen goes through /proc/self/fd/N, a magic link that O_NOFOLLOW refuses (ELOOP).
+_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _READDIR_BATCH = 32
 # Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
                             errno.ENOTCONN, errno.ETIMEDOUT})
+
+
+_trouble_logged: dict[tuple[str, int], tuple[float, int]] = {}
+
+
+def _store_trouble(op: str, exc: OSError) -> None:
+    """Log a store error, at most once per operation and errno every 10 s (with a count)."""
+    key = (op, exc.errno or 0)
+    now = time.monotonic()
+    last, suppressed = _trouble_logged.get(key, (-10.0, 0))
+    if now - last < 10:
+        _trouble_logged[key] = (last, suppressed + 1)
+        return
+    more = f" ({suppressed} more like it since the last report)" if suppressed else ""
+    log.warning("%s failed in the store: %s%s", op, exc, more)
+    _trouble_logged[key] = (now, 0)
 
 
 def fuse_errors(fn: F) -> F:
@@ -48,7 +67,7 @@ def fuse_errors(fn: F) -> F:
             raise
         except OSError as exc:
             if exc.errno in _STORE_TROUBLE:
-                log.warning("%s failed in the store: %s", fn.__name__, exc)
+                _store_trouble(fn.__name__, exc)
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
@@ -99,6 +118,28 @@ def _open_paths(dir_fd: int, names: Sequence[bytes]) -> list[tuple[int, bytes, i
             continue
         out.append((index, name, fd, st))
     return out
+
+
+def pread_full(fd: int, size: int, offset: int) -> bytes:
+    """pread until ``size`` bytes or end of file (blocking).
+
+    A FUSE reply shorter than asked means end of file to the kernel (qemu with
+    aio=native and the page cache then fill in zeros), so a store's short read,
+    e.g. the bytes before a bad sector, is never passed on: the rest is read
+    again, which returns the store's error.
+    """
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    done = len(data)
+    while done < size:
+        more = os.pread(fd, size - done, offset + done)
+        if not more:
+            break  # end of file
+        parts.append(more)
+        done += len(more)
+    return b"".join(parts)
 
 
 def _list_dir(fd: int) -> list[bytes]:
@@ -383,7 +424,7 @@ class Passthrough(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.files[fh]
-        return await self.workers.run(os.pread, handle.fd, size, off)
+        return await self.workers.run(pread_full, handle.fd, size, off)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -116,8 +116,11 @@ async def prefetch(cache: ChunkCache, buffer: LayerBuffer, working_set: WorkingS
         async with trio.open_nursery() as nursery:
             for _ in range(max(1, workers)):
                 nursery.start_soon(worker)
-    except OSError as exc:
-        progress.error = exc.strerror or str(exc)
+    except* OSError as group:  # a trio nursery raises an ExceptionGroup, never OSError
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        progress.error = getattr(exc, "strerror", None) or str(exc)
         log.warning("prefetch of %s failed: %s", path, progress.error)
     finally:
         progress.running = False

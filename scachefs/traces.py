@@ -277,6 +277,9 @@ class TraceStore:
                     bad.append((os.fsdecode(raw), f"oversized: {st.st_size} bytes"))
                     continue
                 data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
+            except OSError as exc:  # unreadable: ignored like a corrupt one
+                bad.append((os.fsdecode(raw), f"cannot read it: {exc.strerror or exc}"))
+                continue
             finally:
                 os.close(fd)
             try:

@@ -9,6 +9,7 @@ And umount: refused while a VM holds a file, lazy umount lets the VM finish.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -16,6 +17,8 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import MountFactory
 from tests.mounting import mount_type, run
@@ -109,6 +112,7 @@ def test_kill_9_in_a_boot_storm_loses_no_acknowledged_write(
             time.sleep(0.01)
         # Mid-storm: every reader is still booting when the daemon dies.
         assert all(reader.poll() is None for reader in readers)
+        held = os.open(mnt / "r0.qcow2", os.O_RDONLY)  # a VM's descriptor across the crash
         os.kill(mount.pid, signal.SIGKILL)
         assert mount.proc.wait(timeout=10) == -signal.SIGKILL
         outputs = [reader.communicate(timeout=60)[0] for reader in readers]
@@ -156,6 +160,14 @@ def test_kill_9_in_a_boot_storm_loses_no_acknowledged_write(
     assert layer["resident_bytes"] >= first["trace"]["bytes"]
     assert layer["trace"]["status"] == "recorded" and layer["trace"]["boots"] == 1
     assert {p.name: p.read_bytes() for p in traces.iterdir()} == recorded
+    # A descriptor opened before the crash stays dead after the remount: the VM must
+    # reopen its disk (be restarted); the new mount does not revive it.
+    with pytest.raises(OSError) as dead_read:
+        os.pread(held, 4096, 0)
+    assert dead_read.value.errno == errno.ENOTCONN
+    with pytest.raises(OSError) as dead_close:
+        os.close(held)  # its flush goes to the dead connection too (the fd is closed anyway)
+    assert dead_close.value.errno == errno.ENOTCONN
 
     # Every acknowledged write is there, through the new mount and on the store.
     checks = [f"read -P {pattern(i):#x} {i * SLOT} 64k" for i in writer.acked]
@@ -186,6 +198,8 @@ def test_umount_of_a_busy_mount_fails_and_lazy_umount_lets_the_reader_finish(
         wait_resident(mnt, "base.qcow2", MiB, reader)  # it has read, it holds the file open
         busy = run("umount", mnt, check=False)  # the VM holds its disk open
         assert busy.returncode != 0 and "target is busy" in busy.stderr, busy
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.umount2(os.fsencode(mnt), 0) == -1 and ctypes.get_errno() == errno.EBUSY
         alive(old)
         other = qio(mnt / "vm2.qcow2", "read -P 0xb2 8M 64k")
         assert other.returncode == 0 and not other.wrong_bytes, other.output
