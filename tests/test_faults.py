@@ -278,7 +278,10 @@ def test_a_read_error_in_a_plain_image_reaches_the_reader(
     assert "disk.raw" not in [layer["path"] for layer in stats(mnt)["layers"]]
     injected = errstore.injected()
     assert injected and all(f["path"] == "disk.raw" for f in injected)
-    assert len(log_lines(mount, "read failed in the store", EIO_TEXT)) == len(injected)
+    # Store errors are logged at most once per operation and errno every 10 s (a
+    # failing disk must not flood the journal): this burst is one line.
+    assert len(injected) >= 2
+    assert len(log_lines(mount, "read failed in the store", EIO_TEXT)) == 1
     errstore.disarm()
     healed = qio(mnt / "disk.raw", "read -P 0x5a 0 4M", fmt="raw")
     assert healed.returncode == 0 and not healed.wrong_bytes, healed.output
