@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -533,12 +534,15 @@ def main() -> int:
                         help="also run the largest N with one VM every SECONDS (0: skip)")
     parser.add_argument("--think", action="store_true",
                         help="also replay think time (I/O stall = replay - think)")
-    parser.add_argument("--chunk-size", default="64K", help="scachefs chunk_size option")
+    parser.add_argument("--chunk-size", default="16K",
+                        help="scachefs chunk_size option (default: scachefs's default)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "storm.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "storm.png")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/storm needs root (loop devices, cgroups, FUSE)")
+    # Clean up (mounts, loop device) when stopped with SIGTERM too, not only Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
