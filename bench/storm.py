@@ -254,13 +254,15 @@ class Daemon:
 
 
 def wait_prefetch(daemon: Daemon, path: str, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() < start + timeout:
         layer = daemon.layer(path)
         if layer.get("prefetch") and not layer["prefetch"]["running"]:
             return layer
+        if not layer.get("prefetch") and time.monotonic() > start + 10:
+            sys.exit(f"no prefetch of {path} started; layer stats: {layer}")
         time.sleep(0.05)
-    return daemon.layer(path)
+    sys.exit(f"the prefetch of {path} did not finish in {timeout} s")
 
 
 # ----------------------------------------------------------------------- runs
@@ -566,6 +568,15 @@ def main() -> int:
             extents = len(traces.plan_runs(ws.chunks, ws.chunk_size,
                                            (store.root / "base.qcow2").stat().st_size))
             floor = max(ws.bytes / bw if bw else 0, extents / iops if iops else 0) or None
+            layer_size = (store.root / "base.qcow2").stat().st_size
+            gaps = {}
+            for gap_bytes in (0, 16 << 10, 64 << 10, 128 << 10, 256 << 10):
+                runs = traces.plan_runs(ws.chunks, ws.chunk_size, layer_size,
+                                        max_gap=gap_bytes // ws.chunk_size)
+                nbytes = sum(length for _, length, _ in runs)
+                gaps[gap_bytes] = {"requests": len(runs), "bytes": nbytes,
+                                   "floor_s": max(nbytes / bw if bw else 0,
+                                                  len(runs) / iops if iops else 0)}
             plan = [(m, n, 0.0) for n in sizes for m in modes]
             if args.stagger and not args.smoke:
                 plan += [(m, max(sizes), args.stagger) for m in modes]
@@ -581,7 +592,8 @@ def main() -> int:
         summary = {"profile": args.profile, "chunk_size": args.chunk_size,
                    "workload": workload.source,
                    "requests": len(workload.requests), "working_set_bytes": ws.bytes,
-                   "working_set_extents": extents, "floor_s": floor, "rows": rows}
+                   "working_set_extents": extents, "floor_s": floor,
+                   "prefetch_gap_tradeoff": gaps, "rows": rows}
         # The unique working set: what one VM's boot needs from the store, read exactly
         # (direct-none, O_DIRECT, N=1); the trace's chunk-level set when that was not run.
         exact = [r["store_bytes"] for r in rows

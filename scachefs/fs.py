@@ -104,6 +104,7 @@ class ScacheFS(Passthrough):
         self.boots = Boots(open_trace_store(root_fd, options), self.cache, self.workers,
                            options, lambda: self.demand_waiting)
         self.hidden = frozenset({HIDDEN_DIR})
+        self.scanned = trio.Event()  # set once the mount-time scan of the store is done
         self._evictions_seen = 0
         self._pressure_logged = -60.0
 
@@ -312,7 +313,10 @@ class ScacheFS(Passthrough):
         nursery.start_soon(self.boots.watch, lambda: list(self.layers.values()))
 
     async def _scan_then_prefetch(self) -> None:
-        await self.scan()
+        try:
+            await self.scan()
+        finally:
+            self.scanned.set()
         if self.options.prefetch == "mount":
             for key in list(self.shadow.layers()):
                 path = self.shadow.path_of(key)
@@ -321,6 +325,7 @@ class ScacheFS(Passthrough):
 
     async def warm(self, path: str, reason: str) -> bool:
         """Attach a layer by its store path and prefetch its working set now."""
+        await self.scanned.wait()  # which files are layers is known after the scan
         rel = os.fsencode(path)
 
         def work() -> tuple[int, os.stat_result]:
