@@ -434,6 +434,63 @@ class Bench:
         return result
 
 
+    def run_vms(self, mode: str, n: int, memory_mib: int,
+                image: guest.GuestImage) -> dict[str, Any]:
+        """N real TCG guests booting at once to multi-user (slow but real)."""
+        self._overlays(n)
+        drop_caches()
+        via_mount = mode.startswith("scachefs")
+        daemon = None
+        if via_mount:
+            daemon = Daemon(self.store, self.mnt, self.throttle,
+                            f"record=off,prefetch=open,cache_size=2G,allow_other,"
+                            f"chunk_size={self.chunk_size}", self.log)
+        else:  # the guests themselves read the store: put them in the throttled cgroup
+            self.throttle.add(os.getpid())
+        root = self.mnt if via_mount else self.store.root
+        cache = "none" if mode == "direct-none" or via_mount else "writeback"
+        before = self.store.stat()
+        results: list[guest.BootResult | None] = [None] * n
+        peak = [0]
+        done = threading.Event()
+
+        def boot_one(i: int) -> None:
+            results[i] = guest.boot(root / f"vm{i}.qcow2", image, memory_mib=memory_mib,
+                                    cache=cache, timeout=900)
+
+        def sample() -> None:
+            while not done.is_set() and daemon is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    peak[0] = max(peak[0], daemon.rss())
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=boot_one, args=(i,)) for i in range(n)]
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        makespan = time.monotonic() - t0
+        done.set()
+        if not via_mount:
+            Path("/sys/fs/cgroup/blkio/cgroup.procs").write_text(f"{os.getpid()}\n")
+        after = self.store.stat()
+        row: dict[str, Any] = {
+            "mode": mode, "n": n, "memory_mib": memory_mib, "makespan_s": round(makespan, 2),
+            "vm_seconds": [round(r.seconds, 2) if r else None for r in results],
+            "all_reached_multi_user": all(r is not None and r.reached_multi_user
+                                          for r in results),
+            "store_reads": after[0] - before[0], "store_bytes": after[1] - before[1]}
+        if daemon is not None:
+            cached = daemon.stats()["cache"]["used_bytes"]
+            row.update(daemon_peak_rss=peak[0], daemon_cached=cached,
+                       rss_minus_cached_mib=round((peak[0] - cached) / MiB, 1))
+            daemon.stop()
+        return row
+
+
 # --------------------------------------------------------------------- report
 def table(rows: list[dict[str, Any]], floor: float | None) -> str:
     by_key = {(r["mode"], r["n"], r["stagger_s"]): r for r in rows}
@@ -536,6 +593,9 @@ def main() -> int:
                         help="also run the largest N with one VM every SECONDS (0: skip)")
     parser.add_argument("--think", action="store_true",
                         help="also replay think time (I/O stall = replay - think)")
+    parser.add_argument("--vms", type=int, default=0, metavar="N",
+                        help="also boot N real TCG guests at once (direct-pagecache and "
+                        "scachefs-prefetch, with 512 MiB and 4 GiB of guest RAM)")
     parser.add_argument("--chunk-size", default="16K",
                         help="scachefs chunk_size option (default: scachefs's default)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "storm.json")
@@ -589,11 +649,22 @@ def main() -> int:
                       f"in {row['store_reads']} reads", flush=True)
                 if args.think and stagger == 0 and n == sizes[0]:
                     rows.append(bench.run(mode, n, 0.0, think=True).row())
+            vm_rows = []
+            if args.vms and not args.smoke:
+                image = guest.ensure_guest_image()
+                for memory in (512, 4096):
+                    for mode in ("direct-pagecache", "scachefs-prefetch"):
+                        print(f"  real VMs: {mode} N={args.vms} RAM {memory} MiB ...",
+                              end="", flush=True)
+                        vm_row = bench.run_vms(mode, args.vms, memory, image)
+                        vm_rows.append(vm_row)
+                        print(f" {vm_row['makespan_s']} s, per VM {vm_row['vm_seconds']}",
+                              flush=True)
         summary = {"profile": args.profile, "chunk_size": args.chunk_size,
                    "workload": workload.source,
                    "requests": len(workload.requests), "working_set_bytes": ws.bytes,
                    "working_set_extents": extents, "floor_s": floor,
-                   "prefetch_gap_tradeoff": gaps, "rows": rows}
+                   "prefetch_gap_tradeoff": gaps, "rows": rows, "real_vms": vm_rows}
         # The unique working set: what one VM's boot needs from the store, read exactly
         # (direct-none, O_DIRECT, N=1); the trace's chunk-level set when that was not run.
         exact = [r["store_bytes"] for r in rows
@@ -606,6 +677,12 @@ def main() -> int:
         print()
         for line in summary["targets"]:
             print("target " + line)
+        for vm_row in vm_rows:
+            rss = vm_row.get("rss_minus_cached_mib")
+            print(f"real VMs {vm_row['mode']:<18} N={vm_row['n']} RAM {vm_row['memory_mib']:>4} "
+                  f"MiB: makespan {vm_row['makespan_s']:6.2f} s, per VM {vm_row['vm_seconds']}, "
+                  f"store {vm_row['store_bytes'] / MiB:.1f} MiB"
+                  + (f", daemon RSS - cached {rss} MiB" if rss is not None else ""))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
         print(f"\nJSON: {args.json}")
