@@ -402,22 +402,33 @@ class Bench:
         sampler.start()
         wrap = (lambda c: c) if via_mount else self.throttle.wrap
         t0 = time.monotonic()
-        procs: list[tuple[float, subprocess.Popen[bytes]]] = []
+        waiters = []
+        ends: list[float] = []
+        errors: list[str] = []
+
+        def wait(started: float, proc: subprocess.Popen[bytes]) -> None:
+            _, err = proc.communicate()  # each VM's end is seen when it happens
+            end = time.monotonic()
+            if proc.returncode != 0:
+                errors.append(err.decode(errors="replace")[-500:])
+            ends.append(end)
+            result.vm_seconds.append(end - started)
+
         for i in range(n):
             if stagger:
                 delay = t0 + i * stagger - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            procs.append((time.monotonic(), subprocess.Popen(
+            proc = subprocess.Popen(
                 wrap(self._replay_cmd(root / f"vm{i}.qcow2", cache, think, i)),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-        ends = []
-        for started, proc in procs:
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                sys.exit(f"{mode}: a replay failed: {err.decode(errors='replace')[-500:]}")
-            ends.append(time.monotonic())
-            result.vm_seconds.append(ends[-1] - started)
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            waiter = threading.Thread(target=wait, args=(time.monotonic(), proc))
+            waiter.start()
+            waiters.append(waiter)
+        for waiter in waiters:
+            waiter.join()
+        if errors:
+            sys.exit(f"{mode}: a replay failed: {errors[0]}")
         result.makespan = max(ends) - t0
         done.set()
         after = self.store.stat()
