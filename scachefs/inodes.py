@@ -38,6 +38,8 @@ class Inode:
     # resolve relative backing file names the way qemu does, from the image's directory.
     parent: int = 0
     name: bytes = b""
+    # Until when (monotonic) the object is known to have no security.capability xattr.
+    no_caps_until: float = 0.0
 
     @property
     def is_dir(self) -> bool:

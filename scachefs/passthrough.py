@@ -35,6 +35,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # reopen goes through /proc/self/fd/N, a magic link that O_NOFOLLOW refuses (ELOOP).
 _STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _READDIR_BATCH = 32
+_CAPS_XATTR = b"security.capability"
 # Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
                             errno.ENOTCONN, errno.ETIMEDOUT})
@@ -526,6 +527,7 @@ class Passthrough(pyfuse3.Operations):
         node = self._inode(inode)
         if node.is_symlink:
             raise FUSEError(errno.EPERM)
+        node.no_caps_until = 0.0
         await self.workers.run(os.setxattr, node.proc_path, name, value)
 
     @fuse_errors
@@ -533,6 +535,18 @@ class Passthrough(pyfuse3.Operations):
         node = self._inode(inode)
         if node.is_symlink:
             raise FUSEError(errno.ENODATA)
+        if name == _CAPS_XATTR:
+            # The kernel asks for this before every write (to drop file capabilities);
+            # a recent "none" is answered from memory instead of a thread hop per write.
+            now = time.monotonic()
+            if node.no_caps_until > now:
+                raise FUSEError(errno.ENODATA)
+            try:
+                return await self.workers.run(os.getxattr, node.proc_path, name)
+            except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    node.no_caps_until = now + self.options.attr_timeout
+                raise
         return await self.workers.run(os.getxattr, node.proc_path, name)
 
     @fuse_errors
@@ -548,6 +562,7 @@ class Passthrough(pyfuse3.Operations):
         node = self._inode(inode)
         if node.is_symlink:
             raise FUSEError(errno.ENODATA)
+        node.no_caps_until = 0.0
         await self.workers.run(os.removexattr, node.proc_path, name)
 
     @fuse_errors
