@@ -45,6 +45,7 @@ helpers: venv
 	@if [ "$$(id -u)" = 0 ]; then \
 	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs" $(BINDIR)/scachefs; \
 	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs-stat" $(BINDIR)/scachefs-stat; \
+	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs-trace" $(BINDIR)/scachefs-trace; \
 	  sed 's|@SCACHEFS@|$(BINDIR)/scachefs|' mount-helpers/mount.fuse.scachefs \
 	    > $(SBINDIR)/mount.fuse.scachefs.tmp && chmod 755 $(SBINDIR)/mount.fuse.scachefs.tmp && \
 	  mv $(SBINDIR)/mount.fuse.scachefs.tmp $(SBINDIR)/mount.fuse.scachefs; \

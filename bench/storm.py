@@ -324,7 +324,7 @@ class Bench:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 trace = daemon.layer("base.qcow2").get("trace") or {}
-                if trace.get("status") == "recorded" and not trace.get("recording"):
+                if trace.get("status") == "ready" and not trace.get("recording"):
                     break
                 time.sleep(0.1)
         finally:

@@ -136,7 +136,7 @@ class Boots:
         if ws is None:
             layer.trace_status = "none"
         elif ws.current:
-            layer.trace_status = "recorded"
+            layer.trace_status = "ready"
         else:
             layer.trace_status = "stale"  # recorded on an older version of the layer
 
@@ -157,7 +157,7 @@ class Boots:
                                         rate=self.options.prefetch_rate,
                                         demand_waiting=self.demand_waiting)
             progress.running = False
-            if progress.stale_chunks and layer.trace_status == "recorded":
+            if progress.stale_chunks and layer.trace_status == "ready":
                 log.warning("trace of %s is stale for %d chunks: the layer changed since it "
                             "was recorded; recording the next boot", layer.path,
                             progress.stale_chunks)

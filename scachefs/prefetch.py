@@ -63,7 +63,7 @@ class Progress:
                 "fetched_bytes": self.fetched_bytes, "requests": self.requests,
                 "seconds": round(self.seconds, 3), "stopped_at_budget": self.stopped_at_budget,
                 "stale_chunks": self.stale_chunks, "prefetched_chunks": brought,
-                "useful_chunks": self.useful,
+                "useful_chunks": self.useful, "wasted_chunks": len(self.prefetched),
                 "useful_ratio": round(self.useful / brought, 4) if brought else None,
                 "error": self.error}
 
@@ -105,8 +105,12 @@ async def prefetch(cache: ChunkCache, buffer: LayerBuffer, working_set: WorkingS
                     continue
                 progress.done_bytes += len(data)
                 if xxhash.xxh3_64_intdigest(data) != working_set.digests.get(chunk):
+                    # The layer changed since the trace was recorded: the prediction is
+                    # stale (the bytes in the cache are the store's, so they are right).
                     progress.stale_chunks += 1
                     cache.unpin(buffer, [chunk])
+            if progress.stale_chunks:
+                return  # stop: the trace is stale, a fresh boot will be recorded
             if rate > 0:  # bandwidth cap: never ahead of rate bytes/s
                 ahead = progress.fetched_bytes / rate - (time.monotonic() - start)
                 if ahead > 0:

@@ -67,7 +67,7 @@ def wait_for(mnt: Path, path: str, predicate: Any, timeout: float = 20) -> dict[
 
 def recorded(layer: dict[str, Any]) -> bool:
     trace = layer.get("trace") or {}
-    return trace.get("status") == "recorded" and not trace.get("recording")
+    return trace.get("status") == "ready" and not trace.get("recording")
 
 
 def prefetched(layer: dict[str, Any]) -> bool:
@@ -123,7 +123,7 @@ def test_a_trace_recorded_on_one_host_prefetches_on_another(
     overlay(store, "vm2.qcow2", "base.qcow2")
     replay(host_b / "vm2.qcow2", boot_script())
     layer = wait_for(host_b, "base.qcow2", prefetched)
-    assert layer["trace"]["hosts"] == 1 and layer["trace"]["status"] == "recorded"
+    assert layer["trace"]["hosts"] == 1 and layer["trace"]["status"] == "ready"
     assert layer["prefetch"]["useful_chunks"] > 0
     assert not layer["trace"]["recording"]  # a current trace exists: auto does not record
     names = [p.name for p in (store / ".scache" / "traces").iterdir()]
@@ -165,7 +165,9 @@ def test_a_changed_layer_is_detected_chunk_by_chunk_and_re_recorded(
     replay(mnt / "vm2.qcow2", script)  # never the old bytes
     layer = wait_for(mnt, "base.qcow2", lambda la: prefetched(la) and recorded(la))
     assert layer["prefetch"]["stale_chunks"] > 0
-    assert layer["trace"]["status"] == "recorded"  # re-recorded on the layer as it is now
+    # A mismatch stops the prefetch: it does not read the rest of a stale prediction.
+    assert layer["prefetch"]["done_bytes"] < layer["prefetch"]["total_bytes"]
+    assert layer["trace"]["status"] == "ready"  # re-recorded on the layer as it is now
     assert "stale" in mount.log()
 
 

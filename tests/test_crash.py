@@ -158,7 +158,7 @@ def test_kill_9_in_a_boot_storm_loses_no_acknowledged_write(
     assert warm_seconds < 5, warm_seconds
     assert layer["prefetch"]["reason"] == "mount" and layer["prefetch"]["error"] is None
     assert layer["resident_bytes"] >= first["trace"]["bytes"]
-    assert layer["trace"]["status"] == "recorded" and layer["trace"]["boots"] == 1
+    assert layer["trace"]["status"] == "ready" and layer["trace"]["boots"] == 1
     assert {p.name: p.read_bytes() for p in traces.iterdir()} == recorded
     # A descriptor opened before the crash stays dead after the remount: the VM must
     # reopen its disk (be restarted); the new mount does not revive it.

@@ -505,7 +505,7 @@ def test_a_failed_trace_save_is_logged_and_the_next_boot_recorded(
             os.unlink(store / name)
     replay(mnt / "vm2.qcow2", boot_script(think_ms=0))
     layer = wait_for(mnt, "base.qcow2",
-                     lambda la: la["trace"]["status"] == "recorded", timeout=10)
+                     lambda la: la["trace"]["status"] == "ready", timeout=10)
     assert layer["trace"]["boots"] == 1
     assert len(os.listdir(traces)) == 1
 

@@ -49,7 +49,7 @@ def test_second_boot_is_served_from_prefetched_chunks(
     first_mount = mount_factory(store, mnt, "allow_other")
     first_seconds = boot_through(mnt, store, "vm1.qcow2", image)
     first = wait_for(mnt, "debian.qcow2",
-                     lambda la: la["trace"]["status"] == "recorded"
+                     lambda la: la["trace"]["status"] == "ready"
                      and not la["trace"]["recording"], timeout=60)
     first_mount.unmount()
     traces = list((store / ".scache" / "traces").iterdir())
@@ -86,4 +86,4 @@ def test_second_boot_is_served_from_prefetched_chunks(
     # ...and the store was read in at most a quarter as many requests.
     assert second["store_reads"] * 4 <= first["store_reads"], results
     assert pf["stale_chunks"] == 0 and pf["error"] is None
-    assert layer_stats(mnt, "debian.qcow2")["trace"]["status"] == "recorded"
+    assert layer_stats(mnt, "debian.qcow2")["trace"]["status"] == "ready"

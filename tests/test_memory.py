@@ -174,7 +174,7 @@ def test_pins_stay_within_90_percent_and_other_layers_still_cache(
     mount_factory(store, mnt, "allow_other")
     overlay(store, "vm1.qcow2", "base.qcow2")
     replay(mnt / "vm1.qcow2", boot_script(think_ms=0))
-    recorded = wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "recorded"
+    recorded = wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "ready"
                         and not la["trace"]["recording"])
     assert recorded["trace"]["bytes"] > 8 * MiB
     run("fusermount3", "-u", mnt)

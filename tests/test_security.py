@@ -227,7 +227,7 @@ def test_the_trace_directory_is_hidden_and_reserved(
     (store / "peek").symlink_to(".scache/traces")
     mount = mount_factory(store, mnt, "allow_other")
     run(*replay_args(mnt / "vm.qcow2", boot_script(think_ms=0)))
-    wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "recorded")
+    wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "ready")
     traces = store / ".scache" / "traces"
     (trace,) = traces.iterdir()
     before = {p.name: p.read_bytes() for p in traces.iterdir()}
@@ -325,7 +325,7 @@ def test_trace_files_never_follow_symlinks(
     # is replaced by the trace, never followed.
     mount_factory(store, mnt, "allow_other", "host_id=h1")
     run(*replay_args(mnt / "vm.qcow2", boot_script(think_ms=0)))
-    wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "recorded")
+    wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "ready")
     assert victim.read_bytes() == b"untouched"
     assert stat.S_ISREG(final.lstat().st_mode)
     assert traces_decode(final.read_bytes()).host == "h1"
@@ -350,7 +350,7 @@ def test_a_failed_trace_save_does_not_stop_recording(
     run(*replay_args(mnt / "vm.qcow2", boot_script(seed=8, think_ms=0)))
     time.sleep(1.5)
     layer = layer_stats(mnt, "base.qcow2")
-    assert layer["trace"]["status"] == "recorded", layer["trace"]
+    assert layer["trace"]["status"] == "ready", layer["trace"]
     assert (traces / f"ino-{base.stat().st_ino}.h1.trace").exists()
 
 

@@ -1,0 +1,77 @@
+"""scachefs-trace: list, show, delete, export/import a trace, and warm a layer of a live mount."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tests.conftest import MountFactory
+from tests.mounting import run
+from tests.test_boot_traces import (
+    boot_script,
+    make_boot_base,
+    prefetched,
+    record_one_boot,
+    replay,
+    wait_for,
+)
+from tests.test_shadow_cache import layer_stats, overlay
+
+TOOL = [sys.executable, "-m", "scachefs.tracecli"]
+
+
+def tool(*args: str | Path, check: bool = True) -> str:
+    result = run(*TOOL, *args, check=check)
+    return result.stdout + result.stderr
+
+
+def test_list_show_export_delete_import(store: Path, mnt: Path, tmp_path: Path,
+                                        mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    first = record_one_boot(store, mnt, mount_factory, "host_id=stage")
+    listing = tool("list", store)
+    assert "base.qcow2" in listing and "stage" in listing
+    rows = json.loads(tool("list", "--json", store))["traces"]
+    assert len(rows) == 1 and rows[0]["boots"] == 1 and rows[0]["hosts"] == ["stage"]
+    assert rows[0]["merged_bytes"] == first["trace"]["bytes"]
+    shown = tool("show", store, "base.qcow2")
+    assert "working set:" in shown and "host stage" in shown
+
+    exported = tmp_path / "base.trace"
+    tool("export", store, "base.qcow2", exported)
+    assert exported.stat().st_size > 0
+    tool("delete", store, "base.qcow2")
+    assert "(no traces)" in tool("list", store)
+
+    # Ship the image and its trace to another store: a copy is another inode.
+    other, other_mnt = tmp_path / "other", tmp_path / "other-mnt"
+    other.mkdir()
+    other_mnt.mkdir()
+    shutil.copyfile(store / "base.qcow2", other / "base.qcow2")
+    tool("import", other, "base.qcow2", exported)
+    assert "base.qcow2" in tool("list", other)
+    mount_factory(other, other_mnt, "allow_other")
+    overlay(other, "vm.qcow2", "base.qcow2")
+    replay(other_mnt / "vm.qcow2", boot_script())
+    layer = wait_for(other_mnt, "base.qcow2", prefetched)
+    assert layer["prefetch"]["stale_chunks"] == 0 and layer["prefetch"]["useful_chunks"] > 0
+    assert layer["trace"]["status"] == "ready"
+    # An import for a layer of another size is refused.
+    (other / "small.qcow2").write_bytes(b"\0" * 4096)
+    assert "4096 bytes" in tool("import", other, "small.qcow2", exported, check=False)
+
+
+def test_warm_shows_progress_and_fills_the_cache(store: Path, mnt: Path,
+                                                 mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    first = record_one_boot(store, mnt, mount_factory)
+    mount_factory(store, mnt, "allow_other", "prefetch=off")
+    overlay(store, "vm.qcow2", "base.qcow2")
+    run("qemu-img", "info", mnt / "vm.qcow2")  # the scan or an open finds the layer
+    out = tool("warm", mnt, "base.qcow2")
+    assert "100.0%" in out and "warm in" in out, out
+    assert layer_stats(mnt, "base.qcow2")["resident_bytes"] >= first["trace"]["bytes"]
+    result = run(*TOOL, "warm", mnt, "vm.qcow2", check=False, timeout=60)
+    assert result.returncode != 0 and "not a backing layer" in result.stderr
