@@ -8,6 +8,7 @@ systemd and scripts can rely on the mount being live when it returns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -262,7 +263,8 @@ def _daemonize(run: Callable[[Callable[[], None]], None]) -> int:
         code = 1
     finally:
         if not reported:
-            _close_quietly(write_fd)
+            with contextlib.suppress(OSError):
+                os.close(write_fd)
     os._exit(code)
 
 
@@ -291,13 +293,6 @@ def _detach_output() -> None:
             setup_logging(root.level == logging.DEBUG, to_syslog=True)
         os.dup2(devnull, 2)
     os.close(devnull)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

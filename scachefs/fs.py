@@ -172,7 +172,7 @@ class ScacheFS(Passthrough):
 
     async def _load(self, layer: Layer) -> None:
         """Load a new layer's boot traces once; concurrent openers wait for the first."""
-        if layer.trace_status == "loading" and not layer.loading:
+        if not layer.loading:
             layer.loading = True
             await self.boots.attach(layer)
         else:

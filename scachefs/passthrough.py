@@ -222,8 +222,8 @@ class Passthrough(pyfuse3.Operations):
         gid = -1 if parent_mode & stat.S_ISGID else ctx.gid  # setgid dirs pass on their group
         return ctx.uid, gid
 
-    async def _register(self, fd: int, st: os.stat_result, parent: Inode,
-                        name: bytes) -> pyfuse3.EntryAttributes:
+    def _register(self, fd: int, st: os.stat_result, parent: Inode,
+                  name: bytes) -> pyfuse3.EntryAttributes:
         inode = self.table.ref(fd, st, parent.ino, name)
         return self._entry(inode.ino, st)
 
@@ -247,7 +247,7 @@ class Passthrough(pyfuse3.Operations):
             return fd, st
 
         fd, st = await self.workers.run(work)
-        return await self._register(fd, st, parent, name)
+        return self._register(fd, st, parent, name)
 
     # ----------------------------------------------------------------- lookups
     @fuse_errors
@@ -259,7 +259,7 @@ class Passthrough(pyfuse3.Operations):
             parent.nlookup += 1
             return self._entry(parent.ino, st)
         fd, st = await self.workers.run(_open_path, parent.fd, name)
-        return await self._register(fd, st, parent, name)
+        return self._register(fd, st, parent, name)
 
     @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from scachefs.stat import find_mount
+
 # Log lines that a test may have provoked on purpose are listed per mount in `allow`.
 _BAD_LOG = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
 
@@ -41,15 +43,7 @@ def run(*cmd: str | os.PathLike[str], check: bool = True, user: str | None = Non
 
 def mount_type(path: Path) -> tuple[str, str] | None:
     """(source, fstype) of the topmost mount exactly at path."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8") as info:
-        for line in info:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4].encode().decode("unicode_escape") == target:
-                found = (fields[sep + 2], fields[sep + 1])
-    return found
+    return find_mount(os.fspath(path))
 
 
 class Mount:
