@@ -17,20 +17,18 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 import xxhash
 
 from scachefs import prefetch, traces
 from scachefs.chunkcache import ChunkCache
+from scachefs.layer import Layer
 from scachefs.options import MountOptions
 from scachefs.recorder import BootSession
 from scachefs.traces import Boot, LayerId, TraceFile, TraceStore
 from scachefs.workers import WorkerPool
-
-if TYPE_CHECKING:
-    from scachefs.fs import Layer
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +175,7 @@ class Boots:
                 layer.progress and layer.progress.running):
             self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again
         if layer.should_record and layer.session is None:
-            layer.session = BootSession(self.cache.chunk_size)
+            layer.session = BootSession(self.cache.chunk_size, layer.identity[2])
             layer.session_owner = handle
             layer.trace_status = "recording"
 
@@ -219,7 +217,12 @@ class Boots:
         cs = self.cache.chunk_size
         chunks = [(c, self.cache.peek(layer.buffer, c)) for c in session.first_ms]
         try:
-            digests = await self.workers.run(_digests, chunks, layer.fd, cs)
+            layer.fills += 1  # keeps layer.fd open (and its number ours) until the digests are read
+            try:
+                digests = await self.workers.run(_digests, chunks, layer.fd, cs)
+            finally:
+                layer.fills -= 1
+                layer.release_fd()
             boot = Boot(session.started_wall, session.duration_ms, session.requests,
                         session.bytes, [(c, ms, digests[c]) for c, ms in
                                         session.first_ms.items()])

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import socket
 import stat
@@ -202,9 +203,30 @@ async def _serve(ops: ScacheFS, mountpoint: str, max_tasks: int,
         nursery.cancel_scope.cancel()
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit of open files to the hard limit (as passthrough_hp does).
+
+    The daemon holds one descriptor per file the kernel knows (an ``ls -l`` of a big
+    directory is thousands); the usual soft limit of 1024 is far too low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    if soft < 65536:
+        log.warning("the open-file limit is %d: the daemon needs one descriptor per file "
+                    "the kernel holds; raise it (LimitNOFILE= in the systemd unit, ulimit -n)",
+                    soft)
+    return soft
+
+
 def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
               ready: Callable[[], None]) -> None:
     """Mount, serve until unmounted or signalled, then clean up. Raises MountError."""
+    raise_fd_limit()
     root_fd = _check_dirs(source, mountpoint)
     os.umask(0)  # modes from callers arrive with their umask already applied
     ops = ScacheFS(root_fd, opts, source, mountpoint)
@@ -213,8 +235,8 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
     except RuntimeError as exc:
         raise MountError(f"mounting {source} on {mountpoint} failed: {exc} "
                          "(is /dev/fuse available and fuse3 installed?)") from None
-    log.info("mounted %s on %s (cache budget %d MiB)", source, mountpoint,
-             opts.cache_budget() >> 20)
+    log.info("mounted %s on %s (cache budget %d MiB, %d open files at most)", source,
+             mountpoint, opts.cache_budget() >> 20, ops.fd_limit)
     try:
         trio.run(_serve, ops, mountpoint, opts.max_tasks, ready)
     finally:

@@ -80,6 +80,7 @@ def stats_document(fs: ScacheFS) -> dict[str, Any]:
         "source": fs.source,
         "mountpoint": fs.mountpoint,
         "uptime_seconds": round(time.time() - fs.started, 3),
+        "fds": {"in_use": fs.fds_in_use(), "limit": fs.fd_limit},
         "cache": {"budget_bytes": cache.budget_bytes, "used_bytes": cache.used_bytes,
                   "pinned_bytes": cache.pinned_bytes, "chunk_size": cache.chunk_size,
                   "policy": cache.policy},
@@ -116,6 +117,38 @@ def encode_stats(fs: ScacheFS, paths: bool = True) -> bytes:
 def may_act(uid: int, owner_uid: int) -> bool:
     """Actions are for root and for the user who owns the mount."""
     return uid == 0 or uid == owner_uid
+
+
+def optional_str(args: dict[str, Any], name: str) -> str | None:
+    """An optional string argument; ControlError(EINVAL) if it is something else."""
+    value = args.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ControlError(errno.EINVAL, f"{name} must be a string")
+    return value
+
+
+def store_path(args: dict[str, Any], prefixes: tuple[bytes, ...]) -> bytes:
+    """The ``path`` argument as a path relative to the store; ControlError(EINVAL) if bad.
+
+    JSON strings can hold what no file name can (lone surrogates, NUL); an absolute
+    path must lie under the mount point or the source.
+    """
+    path = args.get("path")
+    if not isinstance(path, str) or not path:
+        raise ControlError(errno.EINVAL, 'this action needs {"path": "..."}')
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ControlError(errno.EINVAL, f"path {path!r} is not a valid file name") from None
+    if b"\0" in raw:
+        raise ControlError(errno.EINVAL, f"path {path!r} contains a NUL byte")
+    if raw.startswith(b"/"):
+        for prefix in prefixes:
+            if raw.startswith(prefix.rstrip(b"/") + b"/"):
+                return raw[len(prefix.rstrip(b"/")) + 1:]
+        raise ControlError(errno.EINVAL, f"path {path!r} is outside the mount; give it "
+                                         "relative to the mount point")
+    return raw
 
 
 def parse_command(value: bytes) -> tuple[str, dict[str, Any]]:

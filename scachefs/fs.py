@@ -21,58 +21,25 @@ import os
 import stat
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
 
 from scachefs import control, syscalls
 from scachefs.boots import TRACE_DIR, Boots, open_trace_store
-from scachefs.chunkcache import ChunkCache, LayerBuffer
-from scachefs.inodes import ROOT_INODE
+from scachefs.chunkcache import ChunkCache
+from scachefs.inodes import ROOT_INODE, Inode
+from scachefs.layer import Layer, identity_of
 from scachefs.options import MountOptions
 from scachefs.passthrough import OpenDir, OpenFile, Passthrough, fuse_errors, pread_full
-from scachefs.prefetch import BUDGET_SHARE, Progress
-from scachefs.recorder import BootSession
+from scachefs.prefetch import BUDGET_SHARE
 from scachefs.shadow import ImageNode, Key, Shadow, key_of, probe_image, scan_store
-from scachefs.traces import TraceFile, WorkingSet
 
 log = logging.getLogger(__name__)
 
-Identity = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
 HIDDEN_DIR = TRACE_DIR[0]  # the store's .scache directory: never shown through the mount
-
-
-def identity_of(st: os.stat_result) -> Identity:
-    """A layer's identity: stable across renames and hard links, new when its data changes.
-
-    ctime is left out on purpose: renames and links change it without changing data.
-    """
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@dataclasses.dataclass(eq=False)
-class Layer:
-    """A backing layer attached to the cache: its buffer and its own read descriptor."""
-
-    key: Key
-    identity: Identity
-    path: str
-    fd: int
-    buffer: LayerBuffer = dataclasses.field(init=False)
-    handles: int = 0  # open read-only handles: the VMs attached
-    fills: int = 0  # store reads in flight on fd
-    active: bool = True  # False once dropped: handles then read the store directly
-    # Boot traces (see boots.py).
-    loaded: trio.Event = dataclasses.field(default_factory=trio.Event)
-    trace_files: list[TraceFile] = dataclasses.field(default_factory=list)
-    trace: WorkingSet | None = None
-    trace_status: str = "loading"
-    should_record: bool = False
-    session: BootSession | None = None
-    session_owner: object = None
-    progress: Progress | None = None
-    prefetch_scope: trio.CancelScope | None = None
-    loading: bool = False
+LAYER_CHECK_SECONDS = 5.0  # how often attached layers are checked for deletion or change
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,6 +47,18 @@ class LayerHandle(OpenFile):
     """An open file that may be served from a layer's buffer."""
 
     layer: Layer | None = None
+    counted_writer: bool = False  # counted in ScacheFS.writers until released
+
+
+def _fstat_all(fds: list[int]) -> list[os.stat_result | None]:
+    """fstat of each descriptor, None where it fails (blocking)."""
+    out: list[os.stat_result | None] = []
+    for fd in fds:
+        try:
+            out.append(os.fstat(fd))
+        except OSError:
+            out.append(None)
+    return out
 
 
 class ScacheFS(Passthrough):
@@ -95,7 +74,10 @@ class ScacheFS(Passthrough):
                                 pin_limit=int(budget * BUDGET_SHARE))
         self.shadow = Shadow()
         self.layers: dict[Key, Layer] = {}
-        self.writers: Counter[Key] = Counter()
+        self.writers: Counter[Key] = Counter()  # writable handles and truncates in progress
+        # Bumped whenever a file may change through the mount (writers come or go, a
+        # truncate): an open whose stat is older than its count takes it again.
+        self.changes: Counter[Key] = Counter()
         self.identity_changes: Counter[Key] = Counter()
         prefixes = {mountpoint, source, os.path.realpath(mountpoint), os.path.realpath(source)}
         self.prefixes = tuple(sorted(os.fsencode(p) for p in prefixes if p != "/"))
@@ -132,8 +114,8 @@ class ScacheFS(Passthrough):
         self.shadow.update(node)
 
     # ------------------------------------------------------------------ layers
-    def _attach(self, key: Key, st: os.stat_result, fd: int, path: str) -> tuple[Layer, bool]:
-        """The layer's cache attachment for a new read-only handle; True if still valid."""
+    def _attach(self, key: Key, st: os.stat_result, fd: int, path: str) -> Layer:
+        """The layer's cache attachment for a new read-only handle (no await inside)."""
         identity = identity_of(st)
         layer = self.layers.get(key)
         if layer is not None and layer.identity != identity:
@@ -141,7 +123,7 @@ class ScacheFS(Passthrough):
             self._drop(key, "it changed on the store")
             layer = None
         if layer is not None:
-            return layer, True
+            return layer
         layer = Layer(key, identity, path, os.dup(fd))
         # The cache coalesces its own reads; kernel readahead would only read more.
         os.posix_fadvise(layer.fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -161,14 +143,34 @@ class ScacheFS(Passthrough):
                 raise
             finally:
                 layer.fills -= 1
-                self._release_fd(layer)
+                layer.release_fd()
                 self._watch_budget()
 
         layer.buffer = self.cache.layer(identity, st.st_size, fill)
         self.layers[key] = layer
         log.info("serving backing layer %s (%d MiB) from the shared cache", path,
                  st.st_size >> 20)
-        return layer, False
+        return layer
+
+    async def _settled_stat(self, key: Key, fd: int, st: os.stat_result,
+                            seen: int) -> os.stat_result:
+        """``st``, or a fresh fstat when it may be older than what the cache knows.
+
+        Awaits happen between an open's fstat and its attach: a writer may have come
+        and gone (``changes``), or another open may have attached a newer identity.
+        Attaching the older stat would install a stale identity and size.
+        """
+        for _ in range(3):
+            layer = self.layers.get(key)
+            if self.changes[key] == seen and (layer is None
+                                              or layer.identity == identity_of(st)):
+                return st
+            seen = self.changes[key]
+            fresh = await self.workers.run(os.fstat, fd)
+            if identity_of(fresh) == identity_of(st):
+                return fresh  # confirmed: the store says what we saw
+            st = fresh
+        return st
 
     async def _load(self, layer: Layer) -> None:
         """Load a new layer's boot traces once; concurrent openers wait for the first."""
@@ -201,18 +203,37 @@ class ScacheFS(Passthrough):
         self.cache.drop_layer(layer.identity, forget=True)
         log.info("dropped the cache of layer %s (%d KiB): %s", layer.path, resident >> 10,
                  reason)
-        self._release_fd(layer)
+        layer.release_fd()
 
-    def _release_fd(self, layer: Layer) -> None:
-        """Close a dropped layer's descriptor once nothing can use it any more."""
-        if not layer.active and layer.handles == 0 and layer.fills == 0 and layer.fd >= 0:
-            os.close(layer.fd)  # a dup of a read-only descriptor: no I/O on close
-            layer.fd = -1
+    # ---------------------------------------------------------------- writers
+    def _writer_opened(self, handle: LayerHandle) -> None:
+        """A writable handle exists: the file is read from the store until it closes."""
+        key = handle.inode.key
+        handle.counted_writer = True
+        self.writers[key] += 1
+        self.changes[key] += 1
+        handle.inode.page_identity = None
+        self._drop(key, "opened for writing")
+
+    def _writer_closed(self, key: Key) -> None:
+        self.writers[key] -= 1
+        if self.writers[key] <= 0:
+            del self.writers[key]
+        self.changes[key] += 1
+
+    def _new_handle(self, fd: int, node: Inode, flags: int) -> OpenFile:
+        return LayerHandle(fd, node, flags)
+
+    def created(self, handle: OpenFile) -> None:
+        assert isinstance(handle, LayerHandle)
+        if handle.writable:
+            self._writer_opened(handle)
 
     # ---------------------------------------------------------------- file ops
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._inode(inode)
+        seen = self.changes[node.key]
 
         def work() -> tuple[int, os.stat_result]:
             fd = self._reopen(node, flags)
@@ -225,29 +246,56 @@ class ScacheFS(Passthrough):
         fd, st = await self.workers.run(work)
         handle = LayerHandle(fd, node, flags)
         try:
-            await self._probe(handle, st)
+            keep_cache = await self._serve(handle, st, seen)
         except BaseException:
+            self._forget_handle(handle)
             os.close(fd)
             raise
-        key = key_of(st)
-        keep_cache = False
-        if handle.writable:
-            self.writers[key] += 1
-            self._drop(key, "opened for writing")
-        elif self.shadow.is_layer(key) and not self.writers[key]:
-            path = self.shadow.path_of(key) or os.fsdecode(self.table.relpath(node) or b"?")
-            layer, keep_cache = self._attach(key, st, fd, path)
-            if not layer.loaded.is_set():
-                await self._load(layer)
-            if layer.progress is None and self.options.prefetch != "off":
-                self.boots.start_prefetch(layer, "first boot")
-            if layer.active:
-                handle.layer = layer
-                layer.handles += 1
-                self.boots.opened(layer, handle)
         fh = self._new_fh()
         self.files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
+
+    async def _serve(self, handle: LayerHandle, st: os.stat_result, seen: int) -> bool:
+        """Decide how a new handle is served; True if the kernel may keep its pages."""
+        node = handle.inode
+        await self._probe(handle, st)
+        key = node.key
+        if handle.writable:
+            self._writer_opened(handle)
+            return False
+        if self.shadow.is_layer(key) and not self.writers[key]:
+            st = await self._settled_stat(key, handle.fd, st, seen)
+        # Re-checked after the awaits: a writer may have opened meanwhile.
+        if not self.shadow.is_layer(key) or self.writers[key]:
+            node.page_identity = None
+            return False
+        path = self.shadow.path_of(key) or os.fsdecode(self.table.relpath(node) or b"?")
+        layer = self._attach(key, st, handle.fd, path)
+        if not layer.loaded.is_set():
+            await self._load(layer)
+        if not layer.active:  # dropped while its traces loaded: read the store
+            node.page_identity = None
+            return False
+        if layer.progress is None and self.options.prefetch != "off":
+            self.boots.start_prefetch(layer, "first boot")
+        handle.layer = layer
+        layer.handles += 1
+        self.boots.opened(layer, handle)
+        # The kernel may keep its pages only if they are of this very identity.
+        keep_cache = node.page_identity == layer.identity
+        node.page_identity = layer.identity
+        return keep_cache
+
+    def _forget_handle(self, handle: LayerHandle) -> None:
+        """Undo what a handle counted (writer, layer attachment); no await, never raises."""
+        if handle.counted_writer:
+            handle.counted_writer = False
+            self._writer_closed(handle.inode.key)
+        layer, handle.layer = handle.layer, None
+        if layer is not None:
+            layer.handles -= 1
+            self.boots.released(layer, handle)
+            layer.release_fd()
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -275,25 +323,25 @@ class ScacheFS(Passthrough):
     @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self.files.pop(fh)
-        key = handle.inode.key
-        if handle.writable:
-            self.writers[key] -= 1
-            if self.writers[key] <= 0:
-                del self.writers[key]
-        if isinstance(handle, LayerHandle) and handle.layer is not None:
-            handle.layer.handles -= 1
-            self.boots.released(handle.layer, handle)
-            self._release_fd(handle.layer)
+        if isinstance(handle, LayerHandle):
+            self._forget_handle(handle)
         await self.workers.run(os.close, handle.fd)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if fields.update_size:
-            node = self._inode(inode)
-            self._drop(node.key, "truncated")
-        return await super().setattr(inode, attr, fields, fh, ctx)
+        if not fields.update_size:
+            return await super().setattr(inode, attr, fields, fh, ctx)
+        key = self._inode(inode).key
+        # A truncate is a writer while it runs: no open may attach the old identity.
+        self.writers[key] += 1
+        self.changes[key] += 1
+        self._drop(key, "truncated")
+        try:
+            return await super().setattr(inode, attr, fields, fh, ctx)
+        finally:
+            self._writer_closed(key)
 
     def listing_filter(self, handle: OpenDir, names: list[bytes]) -> list[bytes]:
         if handle.inode is self.table.root:
@@ -305,12 +353,61 @@ class ScacheFS(Passthrough):
             self._drop(key_of(st), "deleted")
             self.shadow.remove(key_of(st))
 
+    def fds_in_use(self) -> int:
+        return super().fds_in_use() + len(self.layers)
+
     # -------------------------------------------------------------- background
     async def background(self, nursery: trio.Nursery) -> None:
         """Work that runs beside request handling for the life of the mount."""
         self.boots.nursery = nursery
         nursery.start_soon(self._scan_then_prefetch)
         nursery.start_soon(self.boots.watch, lambda: list(self.layers.values()))
+        nursery.start_soon(self._check_layers)
+
+    def spawn(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` beside request handling; a bug in it is logged, never ends the mount."""
+        nursery = self.boots.nursery
+        if nursery is None:
+            raise control.ControlError(errno.EAGAIN, "the mount is still starting")
+
+        async def guarded() -> None:
+            try:
+                await fn()
+            except Exception:
+                log.exception("internal error in %s", what)
+
+        nursery.start_soon(guarded)
+
+    async def _check_layers(self) -> None:
+        """Let go of layers deleted or changed on the store behind the mount's back.
+
+        Otherwise a deleted layer keeps its descriptor (and its store space) and its
+        buffer for as long as the mount lives, and a changed one keeps serving the
+        open handles its old bytes.
+        """
+        while True:
+            await trio.sleep(LAYER_CHECK_SECONDS)
+            layers = [la for la in self.layers.values() if la.fd >= 0]
+            if not layers:
+                continue
+            for layer in layers:
+                layer.fills += 1  # keeps each fd open (and its number ours) meanwhile
+
+            try:
+                stats = await self.workers.run(_fstat_all, [la.fd for la in layers])
+            finally:
+                for layer in layers:
+                    layer.fills -= 1
+                    layer.release_fd()
+            for layer, st in zip(layers, stats, strict=True):
+                if st is None or not layer.active:
+                    continue
+                if st.st_nlink == 0:
+                    self._drop(layer.key, "deleted on the store")
+                    self.shadow.remove(layer.key)
+                elif identity_of(st) != layer.identity:
+                    self.identity_changes[layer.key] += 1
+                    self._drop(layer.key, "it changed on the store")
 
     async def _scan_then_prefetch(self) -> None:
         try:
@@ -320,32 +417,61 @@ class ScacheFS(Passthrough):
         if self.options.prefetch == "mount":
             for key in list(self.shadow.layers()):
                 path = self.shadow.path_of(key)
-                if path is not None:
-                    await self.warm(path, "mount")
+                if path is None:
+                    continue
+                try:
+                    fd, st = await self._open_to_warm(os.fsencode(path))
+                except control.ControlError as exc:
+                    log.warning("cannot prefetch %s at mount: %s", path, exc)
+                    continue
+                await self._warm(fd, st, path, "mount")
 
-    async def warm(self, path: str, reason: str) -> bool:
-        """Attach a layer by its store path and prefetch its working set now."""
-        await self.scanned.wait()  # which files are layers is known after the scan
-        rel = os.fsencode(path)
+    async def _open_to_warm(self, rel: bytes) -> tuple[int, os.stat_result]:
+        """Open a regular store file, by its store path, for warming; never blocks on a FIFO."""
+        root = self.table.root.fd
 
         def work() -> tuple[int, os.stat_result]:
-            fd = syscalls.open_beneath(self.table.root.fd, rel, os.O_RDONLY)
-            return fd, os.fstat(fd)
+            path_fd = syscalls.open_beneath(root, rel, os.O_PATH)
+            try:
+                st = os.fstat(path_fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                os.close(path_fd)
+            try:
+                return fd, os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
 
         try:
-            fd, st = await self.workers.run(work)
+            return await self.workers.run(work)
         except OSError as exc:
-            log.warning("cannot warm %s: %s", path, exc.strerror)
-            return False
+            err = exc.errno or errno.EIO
+            raise control.ControlError(err, f"{os.fsdecode(rel)}: "
+                                            f"{exc.strerror or os.strerror(err)}") from None
+
+    async def _warm(self, fd: int, st: os.stat_result, path: str, reason: str) -> bool:
+        """Attach a layer (its file open as ``fd``, which this closes) and prefetch it now."""
+        key = key_of(st)
+        seen = self.changes[key]
         try:
-            key = key_of(st)
+            await self.scanned.wait()  # which files are layers is known after the scan
+            if not self.shadow.is_layer(key) or self.writers[key]:
+                log.info("not warming %s: it is not a backing layer of this mount (or is "
+                         "open for writing)", path)
+                return False
+            st = await self._settled_stat(key, fd, st, seen)
             if not self.shadow.is_layer(key) or self.writers[key]:
                 return False
-            layer, _ = self._attach(key, st, fd, path)
+            layer = self._attach(key, st, fd, path)
         finally:
             os.close(fd)
         if not layer.loaded.is_set():
             await self._load(layer)
+        if not layer.active:
+            return False
         return self.boots.start_prefetch(layer, reason)
 
     # --------------------------------------------------------- control channel
@@ -371,20 +497,20 @@ class ScacheFS(Passthrough):
             if name == control.STATS_XATTR:
                 raise pyfuse3.FUSEError(errno.EPERM)
             try:
-                self.command(value, ctx.uid)
+                await self.command(value, ctx.uid)
             except control.ControlError as exc:
                 log.warning("control request from uid %d refused: %s", ctx.uid, exc)
                 raise pyfuse3.FUSEError(exc.errno) from None
             return
         await super().setxattr(inode, name, value, ctx)
 
-    def command(self, value: bytes, uid: int) -> None:
+    async def command(self, value: bytes, uid: int) -> None:
         """Run one control action for a caller (the daemon checks who may act)."""
         if not control.may_act(uid, self.owner_uid):
             raise control.ControlError(errno.EPERM, "actions need root or the mount's owner")
         action, args = control.parse_command(value)
         if action == "drop":
-            path = args.get("path")
+            path = control.optional_str(args, "path")
             keys = [k for k, layer in self.layers.items() if path in (None, layer.path)]
             if path is not None and not keys:
                 raise control.ControlError(errno.ENOENT, f"no attached layer {path!r}")
@@ -394,15 +520,16 @@ class ScacheFS(Passthrough):
                          layer.path, layer.buffer.resident_bytes >> 10, uid)
                 self.cache.drop_layer(layer.identity)
         elif action == "warm":
-            path = args.get("path")
-            if not isinstance(path, str):
-                raise control.ControlError(errno.EINVAL, 'warm needs {"path": "..."}')
+            rel = control.store_path(args, self.prefixes)
+            shown = os.fsdecode(rel)
             if self.boots.nursery is None:
-                raise control.ControlError(errno.EAGAIN, "not ready")
-            log.info("warming %s on request of uid %d", path, uid)
-            self.boots.nursery.start_soon(self.warm, path, f"requested by uid {uid}")
+                raise control.ControlError(errno.EAGAIN, "the mount is still starting")
+            fd, st = await self._open_to_warm(rel)
+            log.info("warming %s on request of uid %d", shown, uid)
+            reason = f"requested by uid {uid}"
+            self.spawn(f"warm {shown}", lambda: self._warm(fd, st, shown, reason))
         elif action == "record":
-            path, enabled = args.get("path"), args.get("enabled", True)
+            path, enabled = control.optional_str(args, "path"), args.get("enabled", True)
             matching = [la for la in self.layers.values() if path in (None, la.path)]
             if path is not None and not matching:
                 raise control.ControlError(errno.ENOENT, f"no attached layer {path!r}")

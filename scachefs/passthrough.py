@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # reopen goes through /proc/self/fd/N, a magic link that O_NOFOLLOW refuses (ELOOP).
 _STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _READDIR_BATCH = 32
+FD_RESERVE = 32  # descriptors kept free for opens, store reads and traces (at least)
+FD_BASELINE = 16  # descriptors of the process itself: stdio, /dev/fuse, the trace dir, ...
 _CAPS_XATTR = b"security.capability"
 # Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
@@ -174,6 +177,8 @@ class Passthrough(pyfuse3.Operations):
         self.dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
         self._as_root = os.geteuid() == 0
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_warned = -10.0
         self.hidden: frozenset[bytes] = frozenset()  # names at the root the mount hides
 
     # ----------------------------------------------------------------- helpers
@@ -189,6 +194,32 @@ class Passthrough(pyfuse3.Operations):
         if name in self.hidden and parent is self.table.root:
             raise FUSEError(err)
         return parent
+
+    def fds_in_use(self) -> int:
+        """Descriptors the daemon holds for the kernel's objects (an estimate without syscalls)."""
+        return len(self.table) + len(self.files) + len(self.dirs) + FD_BASELINE
+
+    def _fd_budget_low(self) -> bool:
+        return self.fds_in_use() + max(FD_RESERVE, self.fd_limit // 32) >= self.fd_limit
+
+    def _check_fd_budget(self) -> None:
+        """Refuse a new kernel object (ENFILE, logged) when descriptors run short.
+
+        Each object the kernel knows costs one O_PATH descriptor; the reserve keeps
+        descriptors for opens, store reads and trace files, so running out shows as
+        one clear error on lookups instead of EMFILE anywhere.
+        """
+        if not self._fd_budget_low():
+            return
+        in_use = self.fds_in_use()
+        now = time.monotonic()
+        if now - self._fd_warned >= 10:
+            self._fd_warned = now
+            log.error("out of file descriptors: %d of the limit of %d in use (one per file or "
+                      "directory the kernel holds); lookups fail with ENFILE until the kernel "
+                      "forgets some. Raise the limit: LimitNOFILE= in the systemd unit or "
+                      "ulimit -n before mounting", in_use, self.fd_limit)
+        raise FUSEError(errno.ENFILE)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -231,6 +262,7 @@ class Passthrough(pyfuse3.Operations):
                     make: Callable[[int, bytes], None]) -> pyfuse3.EntryAttributes:
         """Create a node with ``make(dir_fd, name)``, give it to the caller, register it."""
         parent = self._dir(parent_ino, name)
+        self._check_fd_budget()
 
         def work() -> tuple[int, os.stat_result]:
             parent_mode = os.fstat(parent.fd).st_mode
@@ -258,7 +290,10 @@ class Passthrough(pyfuse3.Operations):
             st = await self.workers.run(os.fstat, parent.fd)
             parent.nlookup += 1
             return self._entry(parent.ino, st)
+        self._check_fd_budget()
         fd, st = await self.workers.run(_open_path, parent.fd, name)
+        if name == b"..":  # the NFS-export path: the grandparent keeps its own name
+            return self._entry(self.table.ref(fd, st).ino, st)
         return self._register(fd, st, parent, name)
 
     @fuse_errors
@@ -350,18 +385,28 @@ class Passthrough(pyfuse3.Operations):
         old = self._dir(parent_inode_old, name_old)
         new = self._dir(parent_inode_new, name_new)
 
-        def work() -> list[tuple[os.stat_result, Inode, bytes]]:
+        def work() -> tuple[list[tuple[os.stat_result, Inode, bytes]], os.stat_result | None]:
+            replaced = None
+            if not flags & syscalls.RENAME_EXCHANGE:
+                try:  # the object the rename is about to unlink, if any
+                    replaced = os.stat(name_new, dir_fd=new.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
             syscalls.renameat2(old.fd, name_old, new.fd, name_new, flags)
             moved = [(new, name_new)]
             if flags & syscalls.RENAME_EXCHANGE:
                 moved.append((old, name_old))
             return [(os.stat(name, dir_fd=parent.fd, follow_symlinks=False), parent, name)
-                    for parent, name in moved]
+                    for parent, name in moved], replaced
 
-        for st, parent, name in await self.workers.run(work):
+        moved, replaced = await self.workers.run(work)
+        for st, parent, name in moved:
             inode = self.table.find(st)
             if inode is not None:
                 inode.parent, inode.name = parent.ino, name
+        if replaced is not None and (replaced.st_dev, replaced.st_ino) != (
+                moved[0][0].st_dev, moved[0][0].st_ino):
+            self.unlinked(replaced)
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -415,12 +460,22 @@ class Passthrough(pyfuse3.Operations):
                 os.close(fd)
                 raise
 
+        self._check_fd_budget()
         fd, path_fd, st = await self.workers.run(work)
         inode = self.table.ref(path_fd, st, parent.ino, name)
+        handle = self._new_handle(fd, inode, flags)
         fh = self._new_fh()
-        self.files[fh] = OpenFile(fd, inode, flags)
+        self.files[fh] = handle
+        self.created(handle)
         return (pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False),
                 self._entry(inode.ino, st))
+
+    def _new_handle(self, fd: int, node: Inode, flags: int) -> OpenFile:
+        """The handle object for a new open file (subclasses keep more state in theirs)."""
+        return OpenFile(fd, node, flags)
+
+    def created(self, handle: OpenFile) -> None:
+        """Hook: ``create`` opened a new handle (there was no await since the open)."""
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -489,7 +544,11 @@ class Passthrough(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, names[index], dots[index], index + 1):
                     return
                 index += 1
+        first = index
         while index < len(names):
+            if index > first and self._fd_budget_low():
+                return  # the kernel asks again from here; then the check below answers
+            self._check_fd_budget()
             batch = names[index:index + _READDIR_BATCH]
             opened = await self.workers.run(_open_paths, handle.fd, batch)
             for pos, (offset, name, fd, st) in enumerate(opened):

@@ -19,8 +19,9 @@ MAX_CHUNKS = 1 << 20  # a session never grows without bound
 class BootSession:
     """The reads one handle made of one layer since it started."""
 
-    def __init__(self, chunk_size: int, now: float | None = None) -> None:
+    def __init__(self, chunk_size: int, layer_size: int, now: float | None = None) -> None:
         self.chunk_size = chunk_size
+        self.layer_size = layer_size  # reads past the end read nothing and record nothing
         self.start = time.monotonic() if now is None else now
         self.started_wall = int(time.time())
         self.last = self.start
@@ -33,12 +34,13 @@ class BootSession:
         self.requests += 1
         self.bytes += size
         self.last = now
-        if size <= 0 or len(self.first_ms) >= MAX_CHUNKS:
+        end = min(offset + size, self.layer_size)
+        if end <= offset or len(self.first_ms) >= MAX_CHUNKS:
             return
         ms = int((now - self.start) * 1000)
         first_ms = self.first_ms
         cs = self.chunk_size
-        for chunk in range(offset // cs, (offset + size - 1) // cs + 1):
+        for chunk in range(offset // cs, (end - 1) // cs + 1):
             if chunk not in first_ms:
                 first_ms[chunk] = ms
 

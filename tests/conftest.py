@@ -43,9 +43,11 @@ def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
     mounts: list[Mount] = []
 
     def factory(source: Path, mountpoint: Path, *options: str,
-                allow: tuple[str, ...] = (), debug: bool = False) -> Mount:
+                allow: tuple[str, ...] = (), debug: bool = False,
+                wrapper: tuple[str, ...] = ()) -> Mount:
         log_path = tmp_path / f"scachefs-{len(mounts)}.log"
-        mount = Mount(source, mountpoint, list(options), log_path, allow=allow, debug=debug)
+        mount = Mount(source, mountpoint, list(options), log_path, allow=allow, debug=debug,
+                      wrapper=wrapper)
         mounts.append(mount)
         return mount
 

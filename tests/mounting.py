@@ -50,12 +50,14 @@ class Mount:
     """A scachefs daemon in the foreground, serving `source` at `mountpoint`."""
 
     def __init__(self, source: Path, mountpoint: Path, options: list[str],
-                 log_path: Path, allow: tuple[str, ...] = (), debug: bool = False) -> None:
+                 log_path: Path, allow: tuple[str, ...] = (), debug: bool = False,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.source = source
         self.mountpoint = mountpoint
         self.log_path = log_path
         self.allow = allow
-        args = [sys.executable, "-m", "scachefs", str(source), str(mountpoint), "-f"]
+        # wrapper: a command the daemon runs under, e.g. ("prlimit", "--nofile=1024", "--")
+        args = [*wrapper, sys.executable, "-m", "scachefs", str(source), str(mountpoint), "-f"]
         if options:
             args += ["-o", ",".join(options)]
         if debug:

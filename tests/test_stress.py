@@ -84,7 +84,9 @@ def qio(image: Path, *commands: str, cache: str | None = None, readonly: bool = 
 
 
 def fio(*args: str) -> str:
-    result = run("fio", "--ioengine=psync", "--output-format=normal", *args)
+    # verify_state_save=0: no local-*-verify.state files left in the working directory
+    result = run("fio", "--ioengine=psync", "--output-format=normal", "--verify_state_save=0",
+                 *args)
     assert " err= 0" in result.stdout and "verify failed" not in result.stdout, result.stdout
     return result.stdout
 
