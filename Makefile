@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What the daemon, the demo and the tests need from Debian.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+APT_PACKAGES := fuse3 gcc python3-dev python3-venv \
 	qemu-utils qemu-system-x86 fio strace tmux util-linux e2fsprogs procps \
 	attr systemd man-db groff-base debootstrap busybox-static debian-archive-keyring
 # Where setup puts the commands and the mount(8) helper (as root).

@@ -19,11 +19,12 @@ import stat
 import sys
 from collections.abc import Callable
 
-import pyfuse3
 import trio
 
 from scachefs import __version__
 from scachefs.fs import ScacheFS
+from scachefs.fuse import mount as fuse_mount
+from scachefs.fuse.session import Session
 from scachefs.options import MountOptions, OptionError, parse_options
 
 log = logging.getLogger("scachefs")
@@ -56,6 +57,15 @@ mount options (-o name[=value],...):
                        host that mounts the same store)
   host_id=NAME         this host's name in trace file names (default: the host name)
   max_tasks=N          FUSE requests served concurrently (default 128)
+  passthrough=auto|on|off
+                       let the kernel read and write every file that is not a shared
+                       layer itself (FUSE passthrough, Linux 6.9+, daemon as root): auto
+                       (default) where possible, on: refuse to mount without it, off: the
+                       daemon serves every read and write
+  layers=auto|all      which files are served from the shared cache: auto (default) the
+                       files other images name as backing file; all: every file opened
+                       read-only (for a mount over a base directory only, e.g. Nova's
+                       instances/_base)
   defaults, auto, noauto, nofail, _netdev, user, users, rw, x-*, comment=*
                        fstab and systemd options: accepted and ignored
 
@@ -88,22 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _KernelGaveUpFilter(logging.Filter):
-    """Demote pyfuse3's error for replies the kernel no longer waits for.
-
-    Writing a reply fails with ENOENT when the request was interrupted or the
-    mount went away meanwhile (e.g. a release racing an unmount): nothing is lost,
-    so it is not an error an operator must act on.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "pyfuse3" and "failed with No such file or directory" in (
-                record.getMessage()):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger().isEnabledFor(logging.DEBUG)
-        return True
-
-
 def setup_logging(debug: bool, to_syslog: bool = False, log_file: str | None = None) -> None:
     """Log to stderr (and so to the journal under systemd), a file, or syslog when detached."""
     handler: logging.Handler
@@ -119,26 +113,9 @@ def setup_logging(debug: bool, to_syslog: bool = False, log_file: str | None = N
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
             "%(asctime)s scachefs[%(process)d] %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_KernelGaveUpFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def _escape(value: str) -> str:
-    """Escape a value for libfuse's comma-separated option parser."""
-    return value.replace("\\", "\\\\").replace(",", "\\,")
-
-
-def fuse_options(source: str, opts: MountOptions, debug: bool) -> set[str]:
-    """The libfuse mount options for this mount."""
-    result = {f"fsname={_escape(source)}", "subtype=scachefs", "default_permissions"}
-    if opts.allow_other:
-        result.add("allow_other")
-    result.update(opts.kernel_flags)
-    if debug:
-        result.add("debug")
-    return result
 
 
 def notify_systemd(message: str) -> None:
@@ -178,7 +155,7 @@ def _check_dirs(source: str, mountpoint: str) -> int:
     return root_fd
 
 
-async def _serve(ops: ScacheFS, mountpoint: str, max_tasks: int,
+async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
                  ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -193,14 +170,28 @@ async def _serve(ops: ScacheFS, mountpoint: str, max_tasks: int,
                 async for signum in signals:
                     log.info("received %s, unmounting", signal.Signals(signum).name)
                     notify_systemd("STOPPING=1")
-                    pyfuse3.terminate()
+                    # Lazily: the kernel ends the connection (our loop sees it) once no
+                    # file under the mount is open any more.
+                    await trio.to_thread.run_sync(fuse_mount.unmount, mountpoint, session.fd)
                     return
 
         nursery.start_soon(on_signals)
         nursery.start_soon(wait_ready)
         await ops.background(nursery)
-        await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+        await session.serve()
         nursery.cancel_scope.cancel()
+
+
+def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc`` or, for a group, among its members."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for member in exc.exceptions:
+            found = _first(member, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def raise_fd_limit() -> int:
@@ -230,17 +221,27 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
     root_fd = _check_dirs(source, mountpoint)
     os.umask(0)  # modes from callers arrive with their umask already applied
     ops = ScacheFS(root_fd, opts, source, mountpoint)
+    spec = fuse_mount.MountSpec(source, mountpoint, "scachefs", allow_other=opts.allow_other,
+                                flags=opts.kernel_flags)
     try:
-        pyfuse3.init(ops, mountpoint, fuse_options(source, opts, debug))
-    except RuntimeError as exc:
-        raise MountError(f"mounting {source} on {mountpoint} failed: {exc} "
-                         "(is /dev/fuse available and fuse3 installed?)") from None
+        fd = fuse_mount.mount(spec)
+    except OSError as exc:
+        raise MountError(f"mounting {source} on {mountpoint} failed: {exc.strerror or exc}"
+                         ) from None
+    session = Session(fd, ops, max_tasks=opts.max_tasks)
+    ops.session = session
     log.info("mounted %s on %s (cache budget %d MiB, %d open files at most)", source,
              mountpoint, opts.cache_budget() >> 20, ops.fd_limit)
     try:
-        trio.run(_serve, ops, mountpoint, opts.max_tasks, ready)
+        trio.run(_serve, ops, session, mountpoint, ready)
+    except BaseException as exc:
+        refused = _first(exc, ConnectionError)
+        if refused is not None:
+            raise MountError(f"mounting {source} on {mountpoint} failed: {refused}") from None
+        raise
     finally:
-        pyfuse3.close(unmount=True)
+        fuse_mount.unmount(mountpoint, fd)
+        os.close(fd)
         log.info("unmounted %s", mountpoint)
 
 

@@ -23,16 +23,16 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-import pyfuse3
 import trio
 
 from scachefs import control, syscalls
 from scachefs.boots import TRACE_DIR, Boots, open_trace_store
 from scachefs.chunkcache import ChunkCache
+from scachefs.fuse.ops import Attr, FuseError, Opened, Request, SetAttr
 from scachefs.inodes import ROOT_INODE, Inode
 from scachefs.layer import Layer, identity_of
 from scachefs.options import MountOptions
-from scachefs.passthrough import OpenDir, OpenFile, Passthrough, fuse_errors, pread_full
+from scachefs.passthrough import OpenDir, OpenFile, Passthrough, pread_full
 from scachefs.prefetch import BUDGET_SHARE
 from scachefs.shadow import ImageNode, Key, Shadow, key_of, probe_image, scan_store
 
@@ -205,6 +205,10 @@ class ScacheFS(Passthrough):
                  reason)
         layer.release_fd()
 
+    def _is_layer(self, key: Key) -> bool:
+        """Whether reads of this file are served from the shared cache."""
+        return self.options.layers == "all" or self.shadow.is_layer(key)
+
     # ---------------------------------------------------------------- writers
     def _writer_opened(self, handle: LayerHandle) -> None:
         """A writable handle exists: the file is read from the store until it closes."""
@@ -230,61 +234,59 @@ class ScacheFS(Passthrough):
             self._writer_opened(handle)
 
     # ---------------------------------------------------------------- file ops
-    @fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._inode(inode)
+    async def open(self, nodeid: int, flags: int, req: Request) -> Opened:
+        node = self._inode(nodeid)
         seen = self.changes[node.key]
-
-        def work() -> tuple[int, os.stat_result]:
-            fd = self._reopen(node, flags)
-            try:
-                return fd, os.fstat(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-
-        fd, st = await self.workers.run(work)
+        fd, st = await self.workers.run(self._reopen, node, flags)
         handle = LayerHandle(fd, node, flags)
         try:
-            keep_cache = await self._serve(handle, st, seen)
+            return await self._serve(handle, st, seen)
         except BaseException:
             self._forget_handle(handle)
             os.close(fd)
             raise
-        fh = self._new_fh()
-        self.files[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
 
-    async def _serve(self, handle: LayerHandle, st: os.stat_result, seen: int) -> bool:
-        """Decide how a new handle is served; True if the kernel may keep its pages."""
+    def _plain(self, handle: LayerHandle, st: os.stat_result) -> Opened:
+        """Serve a handle as a plain file: the kernel's I/O if it can, else the store's."""
+        handle.inode.page_identity = None  # the open drops the kernel's pages (no keep_cache)
+        return self._opened(handle, st.st_dev)
+
+    async def _serve(self, handle: LayerHandle, st: os.stat_result, seen: int) -> Opened:
+        """Decide how a new handle is served: a layer's buffer, or a plain file."""
         node = handle.inode
         await self._probe(handle, st)
         key = node.key
         if handle.writable:
             self._writer_opened(handle)
-            return False
-        if self.shadow.is_layer(key) and not self.writers[key]:
-            st = await self._settled_stat(key, handle.fd, st, seen)
+            return self._plain(handle, st)
+        # Beside a passthrough open the kernel takes passthrough opens only.
+        if node.passthrough_opens or not self._is_layer(key) or self.writers[key]:
+            return self._plain(handle, st)
+        st = await self._settled_stat(key, handle.fd, st, seen)
         # Re-checked after the awaits: a writer may have opened meanwhile.
-        if not self.shadow.is_layer(key) or self.writers[key]:
-            node.page_identity = None
-            return False
+        if node.passthrough_opens or not self._is_layer(key) or self.writers[key]:
+            return self._plain(handle, st)
         path = self.shadow.path_of(key) or os.fsdecode(self.table.relpath(node) or b"?")
         layer = self._attach(key, st, handle.fd, path)
         if not layer.loaded.is_set():
             await self._load(layer)
-        if not layer.active:  # dropped while its traces loaded: read the store
-            node.page_identity = None
-            return False
+        if not layer.active or node.passthrough_opens:  # dropped while its traces loaded
+            return self._plain(handle, st)
         if layer.progress is None and self.options.prefetch != "off":
             self.boots.start_prefetch(layer, "first boot")
         handle.layer = layer
         layer.handles += 1
         self.boots.opened(layer, handle)
+        # O_DIRECT readers (qemu's cache=none) bypass the page cache: FOPEN_DIRECT_IO keeps
+        # the inode out of the kernel's caching mode, so a writer can still pass through.
+        direct = bool(handle.flags & os.O_DIRECT)
         # The kernel may keep its pages only if they are of this very identity.
-        keep_cache = node.page_identity == layer.identity
-        node.page_identity = layer.identity
-        return keep_cache
+        keep_cache = not direct and node.page_identity == layer.identity
+        node.page_identity = None if direct else layer.identity
+        fh = self._new_fh()
+        self.files[fh] = handle
+        self._serve_ourselves(handle, direct)
+        return Opened(fh, keep_cache=keep_cache, direct_io=direct, noflush=True)
 
     def _forget_handle(self, handle: LayerHandle) -> None:
         """Undo what a handle counted (writer, layer attachment); no await, never raises."""
@@ -297,55 +299,64 @@ class ScacheFS(Passthrough):
             self.boots.released(layer, handle)
             layer.release_fd()
 
-    @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self.files[fh]
-        layer = handle.layer if isinstance(handle, LayerHandle) else None
-        if layer is None or not layer.active:
-            return await self.workers.run(pread_full, handle.fd, size, off)
+    def _note(self, handle: OpenFile, layer: Layer, off: int, size: int) -> None:
+        """What the boot recorder and the prefetch accounting learn from a read."""
         if layer.session is not None and layer.session_owner is handle:
             layer.session.note(off, size, time.monotonic())
         progress = layer.progress
         if progress is not None and progress.prefetched:
             cs = self.cache.chunk_size
             progress.note_demand(off // cs, (off + max(size, 1) - 1) // cs)
-        data = self.cache.lookup(layer.buffer, off, size)  # hit: pure memory, no await
-        if data is None:
-            self.demand_waiting += 1
-            try:
-                data = await self.cache.read(layer.buffer, off, size)
-            except OSError as exc:  # the fill that failed logged it, once for all waiters
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-            finally:
-                self.demand_waiting -= 1
+
+    def read_now(self, fh: int, offset: int, size: int) -> bytes | None:
+        """A read of resident layer chunks, answered on the session's read loop."""
+        handle = self.files.get(fh)
+        layer = handle.layer if isinstance(handle, LayerHandle) else None
+        if layer is None or not layer.active:
+            return None
+        data = self.cache.lookup(layer.buffer, offset, size)  # pure memory
+        if data is not None:
+            self._note(handle, layer, offset, size)  # type: ignore[arg-type]
         return data
 
-    @fuse_errors
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.files[fh]
+        layer = handle.layer if isinstance(handle, LayerHandle) else None
+        if layer is None or not layer.active:
+            return await self.workers.run(pread_full, handle.fd, size, offset)
+        self._note(handle, layer, offset, size)
+        self.demand_waiting += 1
+        try:
+            return await self.cache.read(layer.buffer, offset, size)
+        except OSError as exc:  # the fill that failed logged it, once for all waiters
+            raise FuseError(exc.errno or errno.EIO) from None
+        finally:
+            self.demand_waiting -= 1
+
     async def release(self, fh: int) -> None:
         handle = self.files.pop(fh)
         if isinstance(handle, LayerHandle):
             self._forget_handle(handle)
+        self._closed(handle)
         await self.workers.run(os.close, handle.fd)
 
-    @fuse_errors
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if not fields.update_size:
-            return await super().setattr(inode, attr, fields, fh, ctx)
-        key = self._inode(inode).key
+    async def setattr(self, nodeid: int, changes: SetAttr, req: Request) -> Attr:
+        if changes.size is None:
+            return await super().setattr(nodeid, changes, req)
+        key = self._inode(nodeid).key
         # A truncate is a writer while it runs: no open may attach the old identity.
         self.writers[key] += 1
         self.changes[key] += 1
         self._drop(key, "truncated")
         try:
-            return await super().setattr(inode, attr, fields, fh, ctx)
+            return await super().setattr(nodeid, changes, req)
         finally:
             self._writer_closed(key)
 
-    def listing_filter(self, handle: OpenDir, names: list[bytes]) -> list[bytes]:
+    def listing_filter(self, handle: OpenDir, names: list[tuple[bytes, int, int]]
+                       ) -> list[tuple[bytes, int, int]]:
         if handle.inode is self.table.root:
-            return [n for n in names if n not in self.hidden]
+            return [entry for entry in names if entry[0] not in self.hidden]
         return names
 
     def unlinked(self, st: os.stat_result) -> None:
@@ -458,12 +469,12 @@ class ScacheFS(Passthrough):
         seen = self.changes[key]
         try:
             await self.scanned.wait()  # which files are layers is known after the scan
-            if not self.shadow.is_layer(key) or self.writers[key]:
+            if not self._is_layer(key) or self.writers[key]:
                 log.info("not warming %s: it is not a backing layer of this mount (or is "
                          "open for writing)", path)
                 return False
             st = await self._settled_stat(key, fd, st, seen)
-            if not self.shadow.is_layer(key) or self.writers[key]:
+            if not self._is_layer(key) or self.writers[key]:
                 return False
             layer = self._attach(key, st, fd, path)
         finally:
@@ -475,34 +486,31 @@ class ScacheFS(Passthrough):
         return self.boots.start_prefetch(layer, reason)
 
     # --------------------------------------------------------- control channel
-    @fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and name == control.STATS_XATTR:
+    async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
+        if nodeid == ROOT_INODE and name == control.STATS_XATTR:
             # Layer paths may sit in directories the caller cannot list: only root
             # and the mount's owner see them.
-            return control.encode_stats(self, paths=control.may_act(ctx.uid, self.owner_uid))
-        return await super().getxattr(inode, name, ctx)
+            return control.encode_stats(self, paths=control.may_act(req.uid, self.owner_uid))
+        return await super().getxattr(nodeid, name, req)
 
-    @fuse_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = await super().listxattr(inode, ctx)
-        if inode == ROOT_INODE:
+    async def listxattr(self, nodeid: int, req: Request) -> list[bytes]:
+        names = await super().listxattr(nodeid, req)
+        if nodeid == ROOT_INODE:
             names.append(control.STATS_XATTR)
         return names
 
-    @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT_INODE and name in (control.COMMAND_XATTR, control.STATS_XATTR):
+    async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
+                       req: Request) -> None:
+        if nodeid == ROOT_INODE and name in (control.COMMAND_XATTR, control.STATS_XATTR):
             if name == control.STATS_XATTR:
-                raise pyfuse3.FUSEError(errno.EPERM)
+                raise FuseError(errno.EPERM)
             try:
-                await self.command(value, ctx.uid)
+                await self.command(value, req.uid)
             except control.ControlError as exc:
-                log.warning("control request from uid %d refused: %s", ctx.uid, exc)
-                raise pyfuse3.FUSEError(exc.errno) from None
+                log.warning("control request from uid %d refused: %s", req.uid, exc)
+                raise FuseError(exc.errno) from None
             return
-        await super().setxattr(inode, name, value, ctx)
+        await super().setxattr(nodeid, name, value, flags, req)
 
     async def command(self, value: bytes, uid: int) -> None:
         """Run one control action for a caller (the daemon checks who may act)."""

@@ -43,6 +43,11 @@ class Inode:
     # The layer identity the kernel's page cache of this inode holds, if known: an open
     # may let the kernel keep its pages (keep_cache) only when they are of this identity.
     page_identity: tuple[int, int, int, int] | None = None
+    # Passthrough (see passthrough.py): the backing file the kernel does this inode's
+    # I/O with while passthrough_opens > 0, and opens we serve through its page cache.
+    backing_id: int = 0
+    passthrough_opens: int = 0
+    cached_opens: int = 0
 
     @property
     def is_dir(self) -> bool:

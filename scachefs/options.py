@@ -54,6 +54,8 @@ class MountOptions:
     prefetch: str = "open"  # open: at a layer's first boot; mount: also at mount; off
     prefetch_rate: int = 0  # bytes/s, 0 = unlimited
     host_id: str | None = None  # None: the host name
+    passthrough: str = "auto"  # auto: the kernel does plain files' I/O if it can; on; off
+    layers: str = "auto"  # auto: files other images name as backing; all: every read-only file
 
     def cache_budget(self) -> int:
         """The cache budget in bytes: the option, or a quarter of physical RAM."""
@@ -185,6 +187,10 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 opts.host_id = value
             elif name == "log_file":
                 opts.log_file = os.path.abspath(value)
+            elif name == "passthrough":
+                opts.passthrough = _parse_choice(value, name, ("auto", "on", "off"))
+            elif name == "layers":
+                opts.layers = _parse_choice(value, name, ("auto", "all"))
             elif name == "max_tasks":
                 opts.max_tasks = _parse_int(value, name, 1, 4096)
             else:

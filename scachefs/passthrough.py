@@ -4,32 +4,36 @@ Modelled on libfuse's passthrough_hp: an inode table of O_PATH descriptors, ever
 access relative to them, lookup counts released on forget. Every blocking call
 runs in a worker thread (:mod:`scachefs.workers`); handlers only dispatch.
 Errors from the store reach the caller with the store's errno.
+
+Files are handed to the kernel where it can do their I/O itself (FUSE
+passthrough, Linux 6.9+): the open registers the store file as the backing file
+of its inode and the kernel reads and writes it without asking us. The kernel
+allows one backing file per inode while it has opens, and no passthrough open
+beside an open that uses its page cache (a "cached" open), so each inode counts
+its opens of both kinds; the backing file is closed at the last release.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import logging
 import os
 import resource
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
-
-import pyfuse3
-from pyfuse3 import FUSEError
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from scachefs import syscalls
+from scachefs.fuse import abi
+from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
+from scachefs.fuse.session import DirBuffer, Session
 from scachefs.inodes import Inode, InodeTable
 from scachefs.options import MountOptions
 from scachefs.workers import WorkerPool
 
 log = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # Flags that make no sense when the daemon reopens an existing object for a caller.
 # O_NOFOLLOW: the kernel already resolved the name without following it, and the
@@ -42,42 +46,9 @@ _CAPS_XATTR = b"security.capability"
 # Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
                             errno.ENOTCONN, errno.ETIMEDOUT})
-
-
-_trouble_logged: dict[tuple[str, int], tuple[float, int]] = {}
-
-
-def _store_trouble(op: str, exc: OSError) -> None:
-    """Log a store error, at most once per operation and errno every 10 s (with a count)."""
-    key = (op, exc.errno or 0)
-    now = time.monotonic()
-    last, suppressed = _trouble_logged.get(key, (-10.0, 0))
-    if now - last < 10:
-        _trouble_logged[key] = (last, suppressed + 1)
-        return
-    more = f" ({suppressed} more like it since the last report)" if suppressed else ""
-    log.warning("%s failed in the store: %s%s", op, exc, more)
-    _trouble_logged[key] = (now, 0)
-
-
-def fuse_errors(fn: F) -> F:
-    """Turn OSError into the same errno for the caller and never let a bug kill the loop."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(*args, **kwargs)
-        except FUSEError:
-            raise
-        except OSError as exc:
-            if exc.errno in _STORE_TROUBLE:
-                _store_trouble(fn.__name__, exc)
-            raise FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", fn.__name__)
-            raise FUSEError(errno.EIO) from None
-
-    return wrapper  # type: ignore[return-value]
+# INIT flags a passthrough of a directory tree wants from the kernel.
+_WANTED = (abi.EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2)
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,6 +58,8 @@ class OpenFile:
     fd: int
     inode: Inode
     flags: int
+    backing_id: int = 0  # the kernel does this handle's I/O (passthrough)
+    cached: bool = False  # served by us through the kernel's page cache
 
     @property
     def writable(self) -> bool:
@@ -99,7 +72,7 @@ class OpenDir:
 
     fd: int
     inode: Inode
-    names: list[bytes] | None = None
+    names: list[tuple[bytes, int, int]] | None = None  # (name, d_ino, file type bits)
 
 
 def _open_path(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
@@ -146,8 +119,24 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _list_dir(fd: int) -> list[bytes]:
-    return [os.fsencode(name) for name in os.listdir(fd)]
+def _file_type(entry: os.DirEntry[str]) -> int:
+    """The S_IFMT bits from the directory entry's d_type (0 if the store did not say)."""
+    try:
+        if entry.is_symlink():
+            return stat.S_IFLNK
+        if entry.is_dir(follow_symlinks=False):
+            return stat.S_IFDIR
+        if entry.is_file(follow_symlinks=False):
+            return stat.S_IFREG
+    except OSError:
+        pass
+    return 0
+
+
+def _list_dir(fd: int) -> list[tuple[bytes, int, int]]:
+    """(name, inode number, type bits) of every entry, from getdents alone (blocking)."""
+    with os.scandir(fd) as entries:
+        return [(os.fsencode(e.name), e.inode(), _file_type(e)) for e in entries]
 
 
 def _flush(fd: int) -> None:
@@ -162,37 +151,81 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-class Passthrough(pyfuse3.Operations):
+def _kill_suidgid(fd: int) -> None:
+    """Drop setuid, and setgid if group-executable, as a write by an unprivileged caller must."""
+    mode = os.fstat(fd).st_mode
+    kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+    if mode & kill:
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) & ~kill)
+
+
+class Passthrough(Operations):
     """All FUSE operations as a passthrough of the store directory."""
 
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-
     def __init__(self, root_fd: int, options: MountOptions) -> None:
-        super().__init__()
         self.options = options
         self.table = InodeTable(root_fd, os.fstat(root_fd))
         self.workers = WorkerPool(options.threads)
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, OpenDir] = {}
+        self.session: Session | None = None  # set before the session serves
         self._next_fh = 1
         self._as_root = os.geteuid() == 0
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_warned = -10.0
         self.hidden: frozenset[bytes] = frozenset()  # names at the root the mount hides
+        # Why the kernel cannot do our files' I/O (None: it can), and per store device.
+        self.passthrough_off: str | None = None
+        self._passthrough_off_dev: dict[int, str] = {}
+        self._trouble_logged: dict[tuple[str, int], tuple[float, int]] = {}
+
+    # ----------------------------------------------------------------- session
+    def init(self, capable: int) -> int:
+        want = _WANTED
+        if self.options.passthrough == "off":
+            self.passthrough_off = "switched off (passthrough=off)"
+        elif not capable & abi.PASSTHROUGH:
+            self.passthrough_off = ("the kernel does not offer FUSE passthrough (Linux 6.9 or "
+                                    "newer with CONFIG_FUSE_PASSTHROUGH is needed)")
+        elif not self._as_root:
+            self.passthrough_off = ("registering backing files needs CAP_SYS_ADMIN (run the "
+                                    "daemon as root)")
+        else:
+            want |= abi.PASSTHROUGH
+        if self.passthrough_off and self.options.passthrough == "on":
+            raise ConnectionError(f"passthrough=on, but passthrough is unavailable: "
+                                  f"{self.passthrough_off}")
+        if self.passthrough_off:
+            log.warning("passthrough unavailable: %s; the daemon serves every read and write",
+                        self.passthrough_off)
+        return want
+
+    def failed(self, op: str, exc: OSError) -> None:
+        """A handler failed with a store error: log it, at most every 10 s per kind."""
+        if exc.errno not in _STORE_TROUBLE:
+            return
+        key = (op, exc.errno or 0)
+        now = time.monotonic()
+        last, suppressed = self._trouble_logged.get(key, (-10.0, 0))
+        if now - last < 10:
+            self._trouble_logged[key] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more like it since the last report)" if suppressed else ""
+        log.warning("%s failed in the store: %s%s", op, exc, more)
+        self._trouble_logged[key] = (now, 0)
 
     # ----------------------------------------------------------------- helpers
     def _inode(self, ino: int) -> Inode:
         inode = self.table.get(ino)
         if inode is None:
-            raise FUSEError(errno.ESTALE)
+            raise FuseError(errno.ESTALE)
         return inode
 
     def _dir(self, ino: int, name: bytes, err: int = errno.EPERM) -> Inode:
         """The parent directory of ``name``; refuses the names the mount hides."""
         parent = self._inode(ino)
         if name in self.hidden and parent is self.table.root:
-            raise FUSEError(err)
+            raise FuseError(err)
         return parent
 
     def fds_in_use(self) -> int:
@@ -219,47 +252,40 @@ class Passthrough(pyfuse3.Operations):
                       "directory the kernel holds); lookups fail with ENFILE until the kernel "
                       "forgets some. Raise the limit: LimitNOFILE= in the systemd unit or "
                       "ulimit -n before mounting", in_use, self.fd_limit)
-        raise FUSEError(errno.ENFILE)
+        raise FuseError(errno.ENFILE)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
         return fh
 
-    def _entry(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = ino
-        entry.generation = 0
-        entry.entry_timeout = self.options.entry_timeout
-        entry.attr_timeout = self.options.attr_timeout
-        entry.st_mode = st.st_mode
-        entry.st_nlink = st.st_nlink
-        entry.st_uid = st.st_uid
-        entry.st_gid = st.st_gid
-        entry.st_rdev = st.st_rdev
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
-        return entry
+    def _shown_ino(self, nodeid: int, st: os.stat_result) -> int:
+        """The number stat(2) shows: the store's own, unless it could be confused."""
+        if nodeid == self.table.root.ino or st.st_dev != self.table.root_dev:
+            return nodeid  # the root is 1; other devices could repeat the store's numbers
+        return st.st_ino
 
-    def _owner_for(self, parent: Inode, ctx: pyfuse3.RequestContext,
+    def _entry(self, ino: int, st: os.stat_result) -> Entry:
+        return Entry(ino, st, self._shown_ino(ino, st), 0, self.options.entry_timeout,
+                     self.options.attr_timeout)
+
+    def _attr(self, ino: int, st: os.stat_result) -> Attr:
+        return Attr(st, self._shown_ino(ino, st), self.options.attr_timeout)
+
+    def _owner_for(self, parent: Inode, req: Request,
                    parent_mode: int) -> tuple[int, int] | None:
         """(uid, gid) a new object must get so callers own what they create; None: as is."""
         if not self._as_root:
             return None
-        gid = -1 if parent_mode & stat.S_ISGID else ctx.gid  # setgid dirs pass on their group
-        return ctx.uid, gid
+        gid = -1 if parent_mode & stat.S_ISGID else req.gid  # setgid dirs pass on their group
+        return req.uid, gid
 
-    def _register(self, fd: int, st: os.stat_result, parent: Inode,
-                  name: bytes) -> pyfuse3.EntryAttributes:
+    def _register(self, fd: int, st: os.stat_result, parent: Inode, name: bytes) -> Entry:
         inode = self.table.ref(fd, st, parent.ino, name)
         return self._entry(inode.ino, st)
 
-    async def _make(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext,
-                    make: Callable[[int, bytes], None]) -> pyfuse3.EntryAttributes:
+    async def _make(self, parent_ino: int, name: bytes, req: Request,
+                    make: Callable[[int, bytes], None]) -> Entry:
         """Create a node with ``make(dir_fd, name)``, give it to the caller, register it."""
         parent = self._dir(parent_ino, name)
         self._check_fd_budget()
@@ -268,7 +294,7 @@ class Passthrough(pyfuse3.Operations):
             parent_mode = os.fstat(parent.fd).st_mode
             make(parent.fd, name)
             fd, st = _open_path(parent.fd, name)
-            owner = self._owner_for(parent, ctx, parent_mode)
+            owner = self._owner_for(parent, req, parent_mode)
             try:
                 if owner is not None:
                     syscalls.chown_fd(fd, *owner)
@@ -281,92 +307,156 @@ class Passthrough(pyfuse3.Operations):
         fd, st = await self.workers.run(work)
         return self._register(fd, st, parent, name)
 
+    # ------------------------------------------------------------ passthrough
+    def _give_to_kernel(self, handle: OpenFile, st_dev: int) -> bool:
+        """Let the kernel do this handle's I/O (passthrough); False: we serve it.
+
+        Called without an await between the decision and the reply: the per-inode
+        counts then always match what the kernel was told.
+        """
+        node = handle.inode
+        if node.backing_id == 0:
+            session = self.session
+            if (session is None or not session.passthrough or self.passthrough_off
+                    or node.cached_opens or st_dev in self._passthrough_off_dev):
+                return False
+            try:
+                node.backing_id = session.backing_open(handle.fd)
+            except OSError as exc:
+                self._passthrough_failed(exc, st_dev)
+                return False
+        node.passthrough_opens += 1
+        handle.backing_id = node.backing_id
+        return True
+
+    def _passthrough_failed(self, exc: OSError, st_dev: int) -> None:
+        if exc.errno == errno.EPERM:
+            self.passthrough_off = ("registering a backing file needs CAP_SYS_ADMIN (run the "
+                                    "daemon as root)")
+            log.warning("passthrough unavailable: %s; the daemon serves every read and write",
+                        self.passthrough_off)
+        else:
+            reason = f"the store's file system refuses backing files: {exc.strerror}"
+            self._passthrough_off_dev[st_dev] = reason
+            log.warning("passthrough unavailable for files on device %d:%d: %s; the daemon "
+                        "serves their reads and writes", os.major(st_dev), os.minor(st_dev),
+                        reason)
+
+    def _serve_ourselves(self, handle: OpenFile, direct_io: bool) -> None:
+        """Count a handle we serve; one without direct I/O uses the kernel's page cache."""
+        if not direct_io:
+            handle.cached = True
+            handle.inode.cached_opens += 1
+
+    def _closed(self, handle: OpenFile) -> None:
+        """Undo a handle's counts; the backing file goes with the inode's last passthrough open."""
+        node = handle.inode
+        if handle.cached:
+            handle.cached = False
+            node.cached_opens -= 1
+        if handle.backing_id:
+            handle.backing_id = 0
+            node.passthrough_opens -= 1
+            if node.passthrough_opens == 0 and node.backing_id:
+                backing_id, node.backing_id = node.backing_id, 0
+                if self.session is not None:
+                    try:
+                        self.session.backing_close(backing_id)
+                    except OSError as exc:
+                        log.warning("cannot close backing file %d: %s", backing_id, exc)
+
+    def _opened(self, handle: OpenFile, st_dev: int) -> Opened:
+        """Register an open handle; the kernel does its I/O if it can."""
+        fh = self._new_fh()
+        self.files[fh] = handle
+        if self._give_to_kernel(handle, st_dev):
+            return Opened(fh, backing_id=handle.backing_id, noflush=not handle.writable)
+        direct = self._direct_io(handle)
+        self._serve_ourselves(handle, direct)
+        return Opened(fh, direct_io=direct, noflush=not handle.writable)
+
+    def _direct_io(self, handle: OpenFile) -> bool:
+        """Whether a handle we serve bypasses the kernel's page cache (FOPEN_DIRECT_IO).
+
+        O_DIRECT callers bypass it anyway; saying so keeps the inode out of the
+        kernel's caching mode, so that a passthrough open can still join it.
+        """
+        return bool(handle.flags & os.O_DIRECT)
+
     # ----------------------------------------------------------------- lookups
-    @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        parent = self._dir(parent_inode, name, errno.ENOENT)
-        if name == b"." or (name == b".." and parent is self.table.root):
-            st = await self.workers.run(os.fstat, parent.fd)
-            parent.nlookup += 1
-            return self._entry(parent.ino, st)
+    async def lookup(self, parent: int, name: bytes, req: Request) -> Entry:
+        node = self._dir(parent, name, errno.ENOENT)
+        if name == b"." or (name == b".." and node is self.table.root):
+            st = await self.workers.run(os.fstat, node.fd)
+            node.nlookup += 1
+            return self._entry(node.ino, st)
         self._check_fd_budget()
-        fd, st = await self.workers.run(_open_path, parent.fd, name)
+        fd, st = await self.workers.run(_open_path, node.fd, name)
         if name == b"..":  # the NFS-export path: the grandparent keeps its own name
             return self._entry(self.table.ref(fd, st).ino, st)
-        return self._register(fd, st, parent, name)
+        return self._register(fd, st, node, name)
 
-    @fuse_errors
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        for ino, count in items:
             self.table.forget(ino, count)
 
-    @fuse_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self._inode(inode)
+    async def getattr(self, nodeid: int, fh: int | None, req: Request) -> Attr:
+        node = self._inode(nodeid)
         st = await self.workers.run(os.fstat, node.fd)
-        return self._entry(node.ino, st)
+        return self._attr(node.ino, st)
 
-    @fuse_errors
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self._inode(inode)
-        handle = self.files.get(fh) if fh is not None else None
+    async def setattr(self, nodeid: int, changes: SetAttr, req: Request) -> Attr:
+        node = self._inode(nodeid)
+        handle = self.files.get(changes.fh) if changes.fh is not None else None
 
         def work() -> os.stat_result:
-            if fields.update_uid or fields.update_gid:
-                syscalls.chown_fd(node.fd, attr.st_uid if fields.update_uid else -1,
-                                  attr.st_gid if fields.update_gid else -1)
-            if fields.update_size:
+            if changes.uid is not None or changes.gid is not None:
+                syscalls.chown_fd(node.fd, -1 if changes.uid is None else changes.uid,
+                                  -1 if changes.gid is None else changes.gid)
+            if changes.size is not None:
                 if handle is not None:
-                    os.ftruncate(handle.fd, attr.st_size)
+                    os.ftruncate(handle.fd, changes.size)
                 else:
-                    os.truncate(node.proc_path, attr.st_size)
-            if fields.update_mode:
+                    os.truncate(node.proc_path, changes.size)
+            if changes.mode is not None:
                 if node.is_symlink:
                     raise OSError(errno.EOPNOTSUPP, "symlink modes cannot change")
-                os.chmod(node.proc_path, stat.S_IMODE(attr.st_mode))
-            if fields.update_atime or fields.update_mtime:
-                syscalls.utimens_fd(node.fd,
-                                    attr.st_atime_ns if fields.update_atime else None,
-                                    attr.st_mtime_ns if fields.update_mtime else None)
+                os.chmod(node.proc_path, stat.S_IMODE(changes.mode))
+            elif changes.kill_suidgid and not node.is_symlink:
+                # FUSE_HANDLE_KILLPRIV_V2: a truncate or chown by an unprivileged caller
+                st = os.fstat(node.fd)
+                kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
+                if st.st_mode & kill and stat.S_ISREG(st.st_mode):
+                    os.chmod(node.proc_path, stat.S_IMODE(st.st_mode) & ~kill)
+            if changes.atime_ns is not None or changes.mtime_ns is not None:
+                syscalls.utimens_fd(node.fd, changes.atime_ns, changes.mtime_ns)
             return os.fstat(node.fd)
 
         st = await self.workers.run(work)
-        return self._entry(node.ino, st)
+        return self._attr(node.ino, st)
 
-    @fuse_errors
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._inode(inode)
+    async def readlink(self, nodeid: int, req: Request) -> bytes:
+        node = self._inode(nodeid)
         return await self.workers.run(lambda: os.readlink(b"", dir_fd=node.fd))
 
     # ------------------------------------------------------------ namespace ops
-    @fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, ctx,
-                                lambda d, n: os.mknod(n, mode, rdev, dir_fd=d))
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    req: Request) -> Entry:
+        return await self._make(parent, name, req, lambda d, n: os.mknod(n, mode, rdev, dir_fd=d))
 
-    @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, ctx,
-                                lambda d, n: os.mkdir(n, mode, dir_fd=d))
+    async def mkdir(self, parent: int, name: bytes, mode: int, req: Request) -> Entry:
+        return await self._make(parent, name, req, lambda d, n: os.mkdir(n, mode, dir_fd=d))
 
-    @fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, ctx,
+    async def symlink(self, parent: int, name: bytes, target: bytes, req: Request) -> Entry:
+        return await self._make(parent, name, req,
                                 lambda d, n: os.symlink(target, n, dir_fd=d))
 
-    @fuse_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._dir(parent_inode, name)
+    async def unlink(self, parent: int, name: bytes, req: Request) -> None:
+        node = self._dir(parent, name)
 
         def work() -> os.stat_result:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-            os.unlink(name, dir_fd=parent.fd)
+            st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+            os.unlink(name, dir_fd=node.fd)
             return st
 
         self.unlinked(await self.workers.run(work))
@@ -374,45 +464,42 @@ class Passthrough(pyfuse3.Operations):
     def unlinked(self, st: os.stat_result) -> None:
         """Hook: a name of the object ``st`` (stat before the unlink) was removed."""
 
-    @fuse_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._dir(parent_inode, name)
-        await self.workers.run(lambda: os.rmdir(name, dir_fd=parent.fd))
+    async def rmdir(self, parent: int, name: bytes, req: Request) -> None:
+        node = self._dir(parent, name)
+        await self.workers.run(lambda: os.rmdir(name, dir_fd=node.fd))
 
-    @fuse_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        old = self._dir(parent_inode_old, name_old)
-        new = self._dir(parent_inode_new, name_new)
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+                     flags: int, req: Request) -> None:
+        old = self._dir(parent, name)
+        new = self._dir(new_parent, new_name)
 
         def work() -> tuple[list[tuple[os.stat_result, Inode, bytes]], os.stat_result | None]:
             replaced = None
             if not flags & syscalls.RENAME_EXCHANGE:
                 try:  # the object the rename is about to unlink, if any
-                    replaced = os.stat(name_new, dir_fd=new.fd, follow_symlinks=False)
+                    replaced = os.stat(new_name, dir_fd=new.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     pass
-            syscalls.renameat2(old.fd, name_old, new.fd, name_new, flags)
-            moved = [(new, name_new)]
+            syscalls.renameat2(old.fd, name, new.fd, new_name, flags)
+            moved = [(new, new_name)]
             if flags & syscalls.RENAME_EXCHANGE:
-                moved.append((old, name_old))
-            return [(os.stat(name, dir_fd=parent.fd, follow_symlinks=False), parent, name)
-                    for parent, name in moved], replaced
+                moved.append((old, name))
+            return [(os.stat(n, dir_fd=p.fd, follow_symlinks=False), p, n)
+                    for p, n in moved], replaced
 
         moved, replaced = await self.workers.run(work)
-        for st, parent, name in moved:
+        for st, p, n in moved:
             inode = self.table.find(st)
             if inode is not None:
-                inode.parent, inode.name = parent.ino, name
+                inode.parent, inode.name = p.ino, n
         if replaced is not None and (replaced.st_dev, replaced.st_ino) != (
                 moved[0][0].st_dev, moved[0][0].st_ino):
             self.unlinked(replaced)
 
-    @fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self._inode(inode)
-        parent = self._dir(new_parent_inode, new_name)
+    async def link(self, nodeid: int, new_parent: int, new_name: bytes,
+                   req: Request) -> Entry:
+        node = self._inode(nodeid)
+        parent = self._dir(new_parent, new_name)
 
         def work() -> os.stat_result:
             os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
@@ -424,32 +511,36 @@ class Passthrough(pyfuse3.Operations):
         return self._entry(node.ino, st)
 
     # -------------------------------------------------------------------- files
-    def _reopen(self, node: Inode, flags: int) -> int:
+    def _reopen(self, node: Inode, flags: int) -> tuple[int, os.stat_result]:
         """Open the store object behind an inode for I/O (worker thread)."""
         if node.is_symlink:
             raise OSError(errno.ELOOP, "cannot open a symlink")
-        return os.open(node.proc_path, (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC)
+        fd = os.open(node.proc_path, (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC)
+        try:
+            return fd, os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
-    @fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._inode(inode)
-        fd = await self.workers.run(self._reopen, node, flags)
-        fh = self._new_fh()
-        self.files[fh] = OpenFile(fd, node, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+    def _new_handle(self, fd: int, node: Inode, flags: int) -> OpenFile:
+        """The handle object for a new open file (subclasses keep more state in theirs)."""
+        return OpenFile(fd, node, flags)
 
-    @fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
-                                                           pyfuse3.EntryAttributes]:
-        parent = self._dir(parent_inode, name)
+    async def open(self, nodeid: int, flags: int, req: Request) -> Opened:
+        node = self._inode(nodeid)
+        fd, st = await self.workers.run(self._reopen, node, flags)
+        return self._opened(self._new_handle(fd, node, flags), st.st_dev)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     req: Request) -> tuple[Entry, Opened]:
+        node = self._dir(parent, name)
         oflags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
         def work() -> tuple[int, int, os.stat_result]:
-            parent_mode = os.fstat(parent.fd).st_mode
-            fd = os.open(name, oflags, mode, dir_fd=parent.fd)
+            parent_mode = os.fstat(node.fd).st_mode
+            fd = os.open(name, oflags, mode, dir_fd=node.fd)
             try:
-                owner = self._owner_for(parent, ctx, parent_mode)
+                owner = self._owner_for(node, req, parent_mode)
                 if owner is not None:
                     os.fchown(fd, *owner)
                     if mode & stat.S_ISUID or (mode & stat.S_ISGID and owner[1] != -1):
@@ -462,57 +553,66 @@ class Passthrough(pyfuse3.Operations):
 
         self._check_fd_budget()
         fd, path_fd, st = await self.workers.run(work)
-        inode = self.table.ref(path_fd, st, parent.ino, name)
+        inode = self.table.ref(path_fd, st, node.ino, name)
         handle = self._new_handle(fd, inode, flags)
-        fh = self._new_fh()
-        self.files[fh] = handle
         self.created(handle)
-        return (pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False),
-                self._entry(inode.ino, st))
-
-    def _new_handle(self, fd: int, node: Inode, flags: int) -> OpenFile:
-        """The handle object for a new open file (subclasses keep more state in theirs)."""
-        return OpenFile(fd, node, flags)
+        return self._entry(inode.ino, st), self._opened(handle, st.st_dev)
 
     def created(self, handle: OpenFile) -> None:
         """Hook: ``create`` opened a new handle (there was no await since the open)."""
 
-    @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.files[fh]
-        return await self.workers.run(pread_full, handle.fd, size, off)
+        return await self.workers.run(pread_full, handle.fd, size, offset)
 
-    @fuse_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
         handle = self.files[fh]
-        return await self.workers.run(os.pwrite, handle.fd, buf, off)
 
-    @fuse_errors
+        def work() -> int:
+            written = os.pwrite(handle.fd, data, offset)
+            if kill_suidgid:
+                _kill_suidgid(handle.fd)
+            return written
+
+        return await self.workers.run(work)
+
     async def flush(self, fh: int) -> None:
         await self.workers.run(_flush, self.files[fh].fd)
 
-    @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self.files.pop(fh)
+        self._closed(handle)
         await self.workers.run(os.close, handle.fd)
 
-    @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.files[fh]
         await self.workers.run(os.fdatasync if datasync else os.fsync, handle.fd)
 
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        handle = self.files[fh]
+        await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        handle = self.files[fh]
+        return await self.workers.run(os.lseek, handle.fd, offset, whence)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int, flags: int) -> int:
+        src, dst = self.files[fh_in], self.files[fh_out]
+        return await self.workers.run(
+            lambda: os.copy_file_range(src.fd, dst.fd, length, off_in, off_out))
+
     # -------------------------------------------------------------- directories
-    @fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._inode(inode)
+    async def opendir(self, nodeid: int, req: Request) -> int:
+        node = self._inode(nodeid)
         fd = await self.workers.run(
             os.open, node.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fh = self._new_fh()
         self.dirs[fh] = OpenDir(fd, node)
         return fh
 
-    async def _dot_entries(self, handle: OpenDir) -> list[pyfuse3.EntryAttributes]:
-        """Attributes for ``.`` and ``..``; these carry no lookup count."""
+    async def _dot_entries(self, handle: OpenDir) -> list[tuple[int, os.stat_result]]:
+        """(shown number, stat) of ``.`` and ``..``; these carry no lookup count."""
         node = handle.inode
         at_root = node is self.table.root
 
@@ -524,109 +624,112 @@ class Passthrough(pyfuse3.Operations):
 
         st, parent_st = await self.workers.run(work)
         parent_ino = node.ino if at_root else self.table.number_for(parent_st)
-        return [self._entry(node.ino, st), self._entry(parent_ino, parent_st)]
+        return [(self._shown_ino(node.ino, st), st),
+                (self._shown_ino(parent_ino, parent_st) if parent_ino else 0, parent_st)]
 
-    def listing_filter(self, handle: OpenDir, names: list[bytes]) -> list[bytes]:
-        """Names of a directory to show; a hook for entries the mount hides."""
+    def listing_filter(self, handle: OpenDir, names: list[tuple[bytes, int, int]]
+                       ) -> list[tuple[bytes, int, int]]:
+        """Entries of a directory to show; a hook for entries the mount hides."""
         return names
 
-    @fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, offset: int, out: DirBuffer) -> None:
         handle = self.dirs[fh]
-        if handle.names is None or start_id == 0:
-            names = await self.workers.run(_list_dir, handle.fd)
-            handle.names = [b".", b"..", *self.listing_filter(handle, names)]
+        if handle.names is None or offset == 0:
+            listing = await self.workers.run(_list_dir, handle.fd)
+            handle.names = [(b".", 0, stat.S_IFDIR), (b"..", 0, stat.S_IFDIR),
+                            *self.listing_filter(handle, listing)]
         names = handle.names
-        index = start_id
+        index = offset
         if index < 2:
             dots = await self._dot_entries(handle)
             while index < 2:
-                if not pyfuse3.readdir_reply(token, names[index], dots[index], index + 1):
+                shown, st = dots[index]
+                if not out.add(names[index][0], index + 1, shown, stat.S_IFDIR):
                     return
                 index += 1
-        first = index
+        if not out.plus:
+            while index < len(names):
+                name, d_ino, kind = names[index]
+                if not out.add(name, index + 1, d_ino, kind):
+                    return
+                index += 1
+            return
         while index < len(names):
-            if index > first and self._fd_budget_low():
-                return  # the kernel asks again from here; then the check below answers
-            self._check_fd_budget()
-            batch = names[index:index + _READDIR_BATCH]
+            if self._fd_budget_low():
+                # Out of descriptors: plain entries (no lookup, no descriptor) keep the
+                # listing whole; lookups of them then answer ENFILE, logged.
+                name, d_ino, kind = names[index]
+                if not out.add(name, index + 1, d_ino, kind):
+                    return
+                index += 1
+                continue
+            batch = [n for n, _, _ in names[index:index + _READDIR_BATCH]]
             opened = await self.workers.run(_open_paths, handle.fd, batch)
-            for pos, (offset, name, fd, st) in enumerate(opened):
+            for pos, (rel, name, fd, st) in enumerate(opened):
                 inode = self.table.ref(fd, st, handle.inode.ino, name)
-                if not pyfuse3.readdir_reply(token, name, self._entry(inode.ino, st),
-                                             index + offset + 1):
+                entry = self._entry(inode.ino, st)
+                if not out.add(name, index + rel + 1, entry.ino, st.st_mode, entry):
                     self.table.forget(inode.ino, 1)
                     for _, _, unused_fd, _ in opened[pos + 1:]:
                         _close_quietly(unused_fd)
                     return
             index += len(batch)
 
-    @fuse_errors
     async def releasedir(self, fh: int) -> None:
         handle = self.dirs.pop(fh)
         await self.workers.run(os.close, handle.fd)
 
-    @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self.workers.run(os.fsync, self.dirs[fh].fd)
 
     # ---------------------------------------------------------- whole-fs, xattr
-    @fuse_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = await self.workers.run(os.statvfs, self.table.root.fd)
-        data = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                      "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, field, getattr(sv, field))
-        return data
+    async def statfs(self, nodeid: int, req: Request) -> os.statvfs_result:
+        return await self.workers.run(os.statvfs, self.table.root.fd)
 
-    @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
-        node = self._inode(inode)
+    async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
+                       req: Request) -> None:
+        node = self._inode(nodeid)
         if node.is_symlink:
-            raise FUSEError(errno.EPERM)
+            raise FuseError(errno.EPERM)
         node.no_caps_until = 0.0
-        await self.workers.run(os.setxattr, node.proc_path, name, value)
+        await self.workers.run(lambda: os.setxattr(node.proc_path, name, value, flags))
 
-    @fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._inode(inode)
-        if node.is_symlink:
-            raise FUSEError(errno.ENODATA)
+    def getxattr_now(self, nodeid: int, name: bytes) -> bytes | int | None:
+        # The kernel asks for security.capability before writes (to drop file
+        # capabilities); a recent "none" is answered on the read loop.
         if name == _CAPS_XATTR:
-            # The kernel asks for this before every write (to drop file capabilities);
-            # a recent "none" is answered from memory instead of a thread hop per write.
-            now = time.monotonic()
-            if node.no_caps_until > now:
-                raise FUSEError(errno.ENODATA)
-            try:
-                return await self.workers.run(os.getxattr, node.proc_path, name)
-            except OSError as exc:
-                if exc.errno == errno.ENODATA:
-                    node.no_caps_until = now + self.options.attr_timeout
-                raise
-        return await self.workers.run(os.getxattr, node.proc_path, name)
+            node = self.table.get(nodeid)
+            if node is not None and node.no_caps_until > time.monotonic():
+                return errno.ENODATA
+        return None
 
-    @fuse_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = self._inode(inode)
+    async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
+        node = self._inode(nodeid)
+        if node.is_symlink:
+            raise FuseError(errno.ENODATA)
+        try:
+            value: bytes = await self.workers.run(os.getxattr, node.proc_path, name)
+        except OSError as exc:
+            if name == _CAPS_XATTR and exc.errno == errno.ENODATA:
+                node.no_caps_until = time.monotonic() + self.options.attr_timeout
+            raise
+        return value
+
+    async def listxattr(self, nodeid: int, req: Request) -> list[bytes]:
+        node = self._inode(nodeid)
         if node.is_symlink:
             return []
         names = await self.workers.run(os.listxattr, node.proc_path)
         return [os.fsencode(n) for n in names]
 
-    @fuse_errors
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self._inode(inode)
+    async def removexattr(self, nodeid: int, name: bytes, req: Request) -> None:
+        node = self._inode(nodeid)
         if node.is_symlink:
-            raise FUSEError(errno.ENODATA)
+            raise FuseError(errno.ENODATA)
         node.no_caps_until = 0.0
         await self.workers.run(os.removexattr, node.proc_path, name)
 
-    @fuse_errors
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    async def access(self, nodeid: int, mask: int, req: Request) -> None:
         # With default_permissions (always on) the kernel decides access itself from
         # the attributes we report and never asks; answer consistently if it does.
-        self._inode(inode)
-        return True
+        self._inode(nodeid)

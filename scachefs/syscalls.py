@@ -90,3 +90,11 @@ def open_beneath(root_fd: int, path: bytes, flags: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return int(fd)
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (punch hole, zero range, keep size), which os lacks."""
+    _check(_libc.fallocate(fd, mode, offset, length))

@@ -45,13 +45,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 
 from scachefs.cli import setup_logging
+from scachefs.fuse import mount as fuse_mount
+from scachefs.fuse.ops import FuseError, Request
+from scachefs.fuse.session import Session
 from scachefs.inodes import ROOT_INODE
 from scachefs.options import MountOptions
-from scachefs.passthrough import Passthrough, fuse_errors
+from scachefs.passthrough import OpenFile, Passthrough
 
 log = logging.getLogger("errfs")
 
@@ -94,7 +96,7 @@ class ErrFS(Passthrough):
                                     str(spec.get("op", "read")), bool(spec.get("partial"))))
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.warning("bad fault specification %r: %s", value, exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise FuseError(errno.EINVAL) from None
         self.faults = faults
         log.info("armed faults: %s", [(f.path, f.op, f.offset, f.length, f.errno)
                                       for f in faults])
@@ -118,59 +120,48 @@ class ErrFS(Passthrough):
                     return fault.offset - offset
                 log.info("injected %s into %s of %s at %d+%d", errno.errorcode[fault.errno],
                          op, fault.path, offset, size)
-                raise pyfuse3.FUSEError(fault.errno)
+                raise FuseError(fault.errno)
         return size
 
-    def _reopen(self, node: Any, flags: int) -> int:
+    def _reopen(self, node: Any, flags: int) -> tuple[int, os.stat_result]:
         # The kernel already resolved the name without following it; O_NOFOLLOW on the
         # /proc/self/fd reopen would refuse the magic link with ELOOP (a scachefs bug
         # that test_faults.py reports; errfs must behave as a correct store).
         return super()._reopen(node, flags & ~os.O_NOFOLLOW)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        allowed = self._check(fh, "read", off, size)
-        return await super().read(fh, off, allowed)
+    def _direct_io(self, handle: OpenFile) -> bool:
+        return True  # every read reaches errfs: no page cache hides or repeats a failure
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self._check(fh, "write", off, len(buf))
-        return await super().write(fh, off, buf)
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        allowed = self._check(fh, "read", offset, size)
+        return await super().read(fh, offset, allowed)
+
+    async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
+        self._check(fh, "write", offset, len(data))
+        return await super().write(fh, offset, data, kill_suidgid)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._check(fh, "fsync", 0, 1 << 62)
         await super().fsync(fh, datasync)
 
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        info = await super().open(inode, flags, ctx)
-        info.direct_io = True
-        return info
-
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
-                                                           pyfuse3.EntryAttributes]:
-        info, entry = await super().create(parent_inode, name, mode, flags, ctx)
-        info.direct_io = True
-        return info, entry
-
-    @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT_INODE and name == FAULTS_XATTR:
-            if ctx.uid != 0:
-                raise pyfuse3.FUSEError(errno.EPERM)
+    async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
+                       req: Request) -> None:
+        if nodeid == ROOT_INODE and name == FAULTS_XATTR:
+            if req.uid != 0:
+                raise FuseError(errno.EPERM)
             self._arm(value)
             return
-        await super().setxattr(inode, name, value, ctx)
+        await super().setxattr(nodeid, name, value, flags, req)
 
-    @fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and name == STATS_XATTR:
+    async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
+        if nodeid == ROOT_INODE and name == STATS_XATTR:
             doc = {"faults": [dataclasses.asdict(f) for f in self.faults],
                    "injected": self.injected, "requests": self.requests}
             return json.dumps(doc).encode()
-        return await super().getxattr(inode, name, ctx)
+        return await super().getxattr(nodeid, name, req)
 
 
-async def _serve(mountpoint: str) -> None:
+async def _serve(session: Session, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
 
         async def wait_ready() -> None:
@@ -180,12 +171,12 @@ async def _serve(mountpoint: str) -> None:
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
-                    pyfuse3.terminate()
+                    await trio.to_thread.run_sync(fuse_mount.unmount, mountpoint, session.fd)
                     return
 
         nursery.start_soon(on_signals)
         nursery.start_soon(wait_ready)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        await session.serve()
         nursery.cancel_scope.cancel()
 
 
@@ -198,14 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.debug)
     root_fd = os.open(args.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     os.umask(0)
-    ops = ErrFS(root_fd, MountOptions(attr_timeout=0, entry_timeout=0, threads=8))
+    # passthrough=off: errfs must see every read and write to fail them on demand.
+    ops = ErrFS(root_fd, MountOptions(attr_timeout=0, entry_timeout=0, threads=8,
+                                      passthrough="off"))
     mountpoint = os.path.abspath(args.mountpoint)
-    pyfuse3.init(ops, mountpoint, {"fsname=errfs", "subtype=errfs", "default_permissions",
-                                   "allow_other"})
+    fd = fuse_mount.mount(fuse_mount.MountSpec("errfs", mountpoint, "errfs", allow_other=True))
+    session = Session(fd, ops, max_tasks=64)
+    ops.session = session
     try:
-        trio.run(_serve, mountpoint)
+        trio.run(_serve, session, mountpoint)
     finally:
-        pyfuse3.close(unmount=True)
+        fuse_mount.unmount(mountpoint, fd)
+        os.close(fd)
         log.info("errfs unmounted %s", mountpoint)
     return 0
 

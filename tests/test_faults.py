@@ -115,6 +115,17 @@ def log_lines(mount: Mount, *needles: str) -> list[str]:
     return [line for line in mount.log().splitlines() if all(n in line for n in needles)]
 
 
+def daemon_requests(mnt: Path, opcode: str) -> int:
+    """How many requests of an opcode (READ, WRITE, ...) reached the daemon."""
+    return int(stats(mnt)["fuse"]["requests"].get(opcode, 0))
+
+
+# The two data paths of a file that is not a shared layer: the kernel's (FUSE
+# passthrough, the default where the kernel has it) and the daemon's (passthrough=off).
+PATHS = pytest.mark.parametrize("path", ["passthrough=auto", "passthrough=off"],
+                                ids=["kernel", "daemon"])
+
+
 def alive(mount: Mount) -> None:
     """Assert the daemon runs and its mount answers; if not, let a dying daemon finish
     exiting first (so the fixture's teardown does not race it)."""
@@ -258,12 +269,14 @@ def test_each_store_failure_is_logged_once(store: Path, errstore: ErrStore, mnt:
     assert len(failed) == len(injected), failed
 
 
+@PATHS
 def test_a_read_error_in_a_plain_image_reaches_the_reader(
-        store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory) -> None:
+        store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory,
+        path: str) -> None:
     disk = store / "disk.raw"  # a VM's raw disk: not a backing layer, plain passthrough
     run("qemu-img", "create", "-q", "-f", "raw", disk, "4M")
     run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", disk)
-    mount = mount_factory(errstore.mountpoint, mnt, "allow_other")
+    mount = mount_factory(errstore.mountpoint, mnt, "allow_other", path)
     errstore.arm({"path": "disk.raw", "offset": MiB, "length": 64 * KiB})
 
     vm = qio(mnt / "disk.raw", "read -P 0x5a 0 64k", "read -P 0x5a 1M 64k",
@@ -278,10 +291,13 @@ def test_a_read_error_in_a_plain_image_reaches_the_reader(
     assert "disk.raw" not in [layer["path"] for layer in stats(mnt)["layers"]]
     injected = errstore.injected()
     assert injected and all(f["path"] == "disk.raw" for f in injected)
-    # Store errors are logged at most once per operation and errno every 10 s (a
-    # failing disk must not flood the journal): this burst is one line.
     assert len(injected) >= 2
-    assert len(log_lines(mount, "read failed in the store", EIO_TEXT)) == 1
+    if path == "passthrough=off":
+        # Store errors are logged at most once per operation and errno every 10 s (a
+        # failing disk must not flood the journal): this burst is one line.
+        assert len(log_lines(mount, "read failed in the store", EIO_TEXT)) == 1
+    else:  # the kernel read the store itself: the daemon saw none of it
+        assert daemon_requests(mnt, "READ") == 0
     errstore.disarm()
     healed = qio(mnt / "disk.raw", "read -P 0x5a 0 4M", fmt="raw")
     assert healed.returncode == 0 and not healed.wrong_bytes, healed.output
@@ -291,10 +307,11 @@ def test_a_read_error_in_a_plain_image_reaches_the_reader(
 def test_a_short_read_from_the_store_is_never_served_as_wrong_bytes(
         store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory,
         tmp_path: Path, client: str) -> None:
+    """The daemon's own path never passes a store's short read on (passthrough=off)."""
     disk = store / "disk.raw"
     run("qemu-img", "create", "-q", "-f", "raw", disk, "4M")
     run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", disk)
-    mount_factory(errstore.mountpoint, mnt, "allow_other")
+    mount_factory(errstore.mountpoint, mnt, "allow_other", "passthrough=off")
     # A bad 4 KiB in the middle of a 64 KiB request: the store's pread returns the
     # 32 KiB before it (as a disk's does); only a read starting inside it fails.
     errstore.arm({"path": "disk.raw", "offset": MiB + 32 * KiB, "length": 4 * KiB,
@@ -321,6 +338,35 @@ def test_a_short_read_from_the_store_is_never_served_as_wrong_bytes(
     assert vm.done == [("read", 2 * MiB, 64 * KiB)], vm.output
 
 
+@pytest.mark.parametrize("client", ["qemu-aio-native", "qemu-buffered", "dd"])
+def test_a_passed_through_file_fails_exactly_as_the_store_does(
+        store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory,
+        tmp_path: Path, client: str) -> None:
+    """With passthrough the kernel reads the store itself: whatever a client gets from a
+    store with a bad sector (a short read, then EIO), it gets the same through the mount."""
+    disk = store / "disk.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", disk, "4M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", disk)
+    mount_factory(errstore.mountpoint, mnt, "allow_other", "passthrough=on")
+    errstore.arm({"path": "disk.raw", "offset": MiB + 32 * KiB, "length": 4 * KiB,
+                  "partial": True})
+
+    def outcome(image: Path) -> tuple[object, ...]:
+        if client == "dd":
+            out = tmp_path / "dd.out"
+            dd = run("dd", f"if={image}", f"of={out}", "bs=64k", "skip=16", "count=2",
+                     check=False)
+            return dd.returncode, out.read_bytes(), EIO_TEXT in dd.stderr
+        extra = {"aio": "native"} if client == "qemu-aio-native" else {"cache": "writeback"}
+        vm = qio(image, "read -P 0x5a 1M 64k", "read -P 0x5a 2M 64k", fmt="raw", **extra)
+        return vm.returncode, vm.wrong_bytes, tuple(vm.failures), tuple(vm.done)
+
+    direct = outcome(errstore.mountpoint / "disk.raw")
+    through = outcome(mnt / "disk.raw")
+    assert through == direct
+    assert daemon_requests(mnt, "READ") == 0
+
+
 def test_a_short_read_of_a_layer_is_an_error_not_wrong_bytes(
         store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory) -> None:
     make_base(store)
@@ -338,11 +384,13 @@ def test_a_short_read_of_a_layer_is_an_error_not_wrong_bytes(
     alive(mount)
 
 
+@PATHS
 def test_write_and_fsync_errors_on_an_overlay_are_reported(
-        store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory) -> None:
+        store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory,
+        path: str) -> None:
     make_base(store)
     overlay(store, "vm.qcow2", "base.qcow2")
-    mount = mount_factory(errstore.mountpoint, mnt, "allow_other")
+    mount = mount_factory(errstore.mountpoint, mnt, "allow_other", path)
     first = qio(mnt / "vm.qcow2", "write -P 0x11 0 64k", "flush")
     assert first.returncode == 0 and first.done == [("wrote", 0, 64 * KiB)], first.output
 
@@ -355,8 +403,11 @@ def test_write_and_fsync_errors_on_an_overlay_are_reported(
     assert unsynced.done == [("wrote", 0, 64 * KiB)], unsynced.output
     assert unsynced.returncode != 0, unsynced.output  # qemu-io's flush fails silently but exits 1
     assert [f["op"] for f in errstore.injected()].count("fsync") >= 1
-    assert log_lines(mount, "fsync failed in the store", EIO_TEXT)
-    assert log_lines(mount, "write failed in the store", EIO_TEXT)
+    assert log_lines(mount, "fsync failed in the store", EIO_TEXT)  # fsync: always ours
+    if path == "passthrough=off":
+        assert log_lines(mount, "write failed in the store", EIO_TEXT)
+    else:
+        assert daemon_requests(mnt, "WRITE") == 0
 
     errstore.disarm()
     alive(mount)
@@ -438,15 +489,16 @@ def test_open_with_o_nofollow(store: Path, mnt: Path, mount_factory: MountFactor
 
 
 # ------------------------------------------------------------- a full store
+@PATHS
 def test_enospc_fails_the_write_and_the_mount_keeps_serving(
         store: Path, loopfs: Callable[[int], LoopFs], mnt: Path,
-        mount_factory: MountFactory) -> None:
+        mount_factory: MountFactory, path: str) -> None:
     loopfs(24)
     make_base(store)  # ~4.5 MiB
     overlay(store, "vm.qcow2", "base.qcow2")
     overlay(store, "vm2.qcow2", "base.qcow2")
     (store / "filler").write_bytes(os.urandom(6 * MiB))
-    mount = mount_factory(store, mnt, "allow_other")
+    mount = mount_factory(store, mnt, "allow_other", path)
     kept = qio(mnt / "vm.qcow2", "write -P 0x11 60M 64k", "flush")
     assert kept.returncode == 0, kept.output
     free = os.statvfs(store).f_bavail * os.statvfs(store).f_frsize
@@ -454,7 +506,10 @@ def test_enospc_fails_the_write_and_the_mount_keeps_serving(
 
     full = qio(mnt / "vm.qcow2", "write -P 0x5a 0 32M", "flush")
     assert full.returncode != 0 and full.failures == [("write", ENOSPC_TEXT)], full.output
-    assert log_lines(mount, "write failed in the store", ENOSPC_TEXT)
+    if path == "passthrough=off":
+        assert log_lines(mount, "write failed in the store", ENOSPC_TEXT)
+    else:
+        assert daemon_requests(mnt, "WRITE") == 0
     alive(mount)
     # The daemon serves on: other VMs, the VM's own flushed data, the base.
     other = qio(mnt / "vm2.qcow2", "read -P 0xa1 0 1M", "read -P 0xb2 8M 3M")

@@ -108,7 +108,9 @@ def test_eight_vms_read_the_shared_base_from_the_store_once(
     served = (after["hit_bytes"] + after["miss_bytes"]
               - before["hit_bytes"] - before["miss_bytes"])
     assert served >= 8 * (4 << 20), after
-    assert after["hit_bytes"] - before["hit_bytes"] >= 4 * (4 << 20), after
+    # All but one VM's worth came from memory: cache hits, or waits on a fill another
+    # VM started (with eight VMs reading the same offsets at once, most are waits).
+    assert served - store_bytes >= 7 * (4 << 20), after
     # Cross-check with strace: the daemon's preads of the base file match its counters.
     base_preads = [c for c in calls if c[0] in layer_fds]
     assert len(base_preads) == store_reads, (base_preads, store_reads)
