@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import trio
+
+from scachefs.eviction import POLICIES, EvictionPolicy, make_policy
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -41,12 +41,7 @@ __all__ = [
 Fill = Callable[[int, int], Awaitable[bytes]]
 """``fill(offset, length) -> bytes`` read from the store; raises OSError on failure."""
 
-Key = tuple[Hashable, int]
-"""(layer identity, chunk index): how the S3-FIFO ghost remembers evicted chunks."""
-
 DEFAULT_CHUNK_SIZE = 65536
-POLICIES = ("s3fifo", "lru")
-_MAX_FREQ = 3  # 2-bit frequency counter of S3-FIFO
 
 
 def _size_bucket(length: int) -> int:
@@ -86,12 +81,12 @@ class LayerBuffer:
     __slots__ = (
         "_attached",
         "_chunks",
-        "_freq",
         "_generation",
         "_inflight",
         "_pinned",
         "_resident",
         "fill",
+        "freq",
         "identity",
         "size",
         "stats",
@@ -103,7 +98,7 @@ class LayerBuffer:
         self.fill = fill
         self.stats = LayerStats()
         self._chunks: dict[int, bytes] = {}
-        self._freq: dict[int, int] = {}  # S3-FIFO counters of the tracked chunks
+        self.freq: dict[int, int] = {}  # the eviction policy's counters (S3-FIFO)
         self._inflight: dict[int, _Flight] = {}
         self._pinned: set[int] = set()
         self._resident = 0
@@ -163,154 +158,6 @@ class _Flight:
         return memoryview(self.data)[start : start + chunk_size]
 
 
-class _Policy(Protocol):
-    """Eviction order over the unpinned resident chunks of all layers.
-
-    Methods take (layer, chunk index) rather than a key tuple so that a hit can
-    update the policy without allocating or hashing a tuple.
-    """
-
-    def insert(self, layer: LayerBuffer, index: int, nbytes: int) -> None: ...
-    def readmit(self, layer: LayerBuffer, index: int, nbytes: int) -> None: ...
-    def touch(self, layer: LayerBuffer, index: int) -> None: ...
-    def touch_range(self, layer: LayerBuffer, first: int, last: int) -> None: ...
-    def remove(self, layer: LayerBuffer, index: int) -> None: ...
-    def evict(self) -> tuple[LayerBuffer, int] | None: ...
-    def __len__(self) -> int: ...
-
-
-class _LRU:
-    """Plain LRU on an OrderedDict: the baseline S3-FIFO is compared against."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[tuple[LayerBuffer, int], None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def insert(self, layer: LayerBuffer, index: int, nbytes: int) -> None:
-        self._order[layer, index] = None
-
-    def readmit(self, layer: LayerBuffer, index: int, nbytes: int) -> None:
-        self._order[layer, index] = None
-
-    def touch(self, layer: LayerBuffer, index: int) -> None:
-        try:
-            self._order.move_to_end((layer, index))
-        except KeyError:  # pinned chunks are not tracked
-            pass
-
-    def touch_range(self, layer: LayerBuffer, first: int, last: int) -> None:
-        move = self._order.move_to_end
-        for index in range(first, last + 1):
-            try:
-                move((layer, index))
-            except KeyError:
-                pass
-
-    def remove(self, layer: LayerBuffer, index: int) -> None:
-        self._order.pop((layer, index), None)
-
-    def evict(self) -> tuple[LayerBuffer, int] | None:
-        if not self._order:
-            return None
-        return self._order.popitem(last=False)[0]
-
-
-class _S3FIFO:
-    """S3-FIFO (Yang et al., SOSP'23), sized in bytes.
-
-    New chunks enter the small FIFO (~10% of the budget); those read again
-    before reaching its head move to the main FIFO, the others are evicted and
-    remembered in the ghost FIFO, so a chunk that comes back soon goes straight
-    to main.  Main is FIFO with reinsertion driven by a 2-bit counter.  One-pass
-    scans therefore churn only the small FIFO and leave the working set alone.
-    The counters live in each layer's ``_freq`` dict, so a hit is one int-keyed
-    dict update.  Ghost keys use the layer identity, which outlives a buffer.
-    """
-
-    def __init__(self, budget_bytes: int, chunk_size: int, small_ratio: float = 0.1) -> None:
-        self._small: OrderedDict[tuple[LayerBuffer, int], int] = OrderedDict()
-        self._main: OrderedDict[tuple[LayerBuffer, int], int] = OrderedDict()
-        self._ghost: OrderedDict[Key, None] = OrderedDict()
-        self._small_bytes = 0
-        self._small_target = max(1, int(budget_bytes * small_ratio))
-        # The ghost remembers as many keys as main can hold chunks.
-        self._ghost_max = max(1, (budget_bytes - self._small_target) // chunk_size)
-
-    def __len__(self) -> int:
-        return len(self._small) + len(self._main)
-
-    def insert(self, layer: LayerBuffer, index: int, nbytes: int) -> None:
-        layer._freq[index] = 0
-        ghost_key = (layer.identity, index)
-        if ghost_key in self._ghost:
-            del self._ghost[ghost_key]
-            self._main[layer, index] = nbytes
-        else:
-            self._small[layer, index] = nbytes
-            self._small_bytes += nbytes
-
-    def readmit(self, layer: LayerBuffer, index: int, nbytes: int) -> None:
-        layer._freq[index] = 0
-        self._main[layer, index] = nbytes
-
-    def touch(self, layer: LayerBuffer, index: int) -> None:
-        freq = layer._freq
-        f = freq.get(index, _MAX_FREQ)  # untracked (pinned) counts as saturated
-        if f < _MAX_FREQ:
-            freq[index] = f + 1
-
-    def touch_range(self, layer: LayerBuffer, first: int, last: int) -> None:
-        freq = layer._freq
-        get = freq.get
-        for index in range(first, last + 1):
-            f = get(index, _MAX_FREQ)
-            if f < _MAX_FREQ:
-                freq[index] = f + 1
-
-    def remove(self, layer: LayerBuffer, index: int) -> None:
-        if layer._freq.pop(index, None) is None:
-            return
-        nbytes = self._small.pop((layer, index), None)
-        if nbytes is not None:
-            self._small_bytes -= nbytes
-        else:
-            del self._main[layer, index]
-
-    def evict(self) -> tuple[LayerBuffer, int] | None:
-        small, main = self._small, self._main
-        # Terminates: every step either evicts, moves a chunk from small to main
-        # with its counter cleared, or lowers a main counter (bounded at 3).
-        while small or main:
-            if small and (self._small_bytes >= self._small_target or not main):
-                key, nbytes = small.popitem(last=False)
-                self._small_bytes -= nbytes
-                layer, index = key
-                freq = layer._freq
-                if freq[index] > 0:
-                    freq[index] = 0
-                    main[key] = nbytes
-                    continue
-                del freq[index]
-                ghost = self._ghost
-                ghost[layer.identity, index] = None
-                if len(ghost) > self._ghost_max:
-                    ghost.popitem(last=False)
-                return key
-            key, nbytes = main.popitem(last=False)
-            layer, index = key
-            freq = layer._freq
-            f = freq[index]
-            if f > 0:
-                freq[index] = f - 1
-                main[key] = nbytes
-                continue
-            del freq[index]
-            return key
-        return None
-
-
 def _join(pieces: list[bytes | memoryview], head: int, tail: int) -> bytes:
     """Concatenate chunk pieces, skipping ``head`` bytes of the first and keeping
     ``tail`` bytes of the last: the one copy a multi-chunk read makes."""
@@ -355,13 +202,7 @@ class ChunkCache:
         self._max_run = max(1, max_fill_bytes // chunk_size)
         # Chunks a demand miss reads at least (aligned), within one run.
         self._window = min(self._max_run, max(1, miss_window // chunk_size))
-        self._policy: _Policy
-        if policy == "s3fifo":
-            self._policy = _S3FIFO(budget_bytes, chunk_size)
-        elif policy == "lru":
-            self._policy = _LRU()
-        else:
-            raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+        self._policy: EvictionPolicy[LayerBuffer] = make_policy(policy, budget_bytes, chunk_size)
         self.total = LayerStats()
         self._layers: dict[Hashable, LayerBuffer] = {}
         self._used = 0
@@ -799,8 +640,8 @@ class ChunkCache:
                 else:
                     tracked += 1
             if self.policy == "s3fifo":
-                assert len(buf._freq) == len(buf._chunks) - untracked, buf
-                assert all(i in buf._chunks and i not in buf._pinned for i in buf._freq), buf
+                assert len(buf.freq) == len(buf._chunks) - untracked, buf
+                assert all(i in buf._chunks and i not in buf._pinned for i in buf.freq), buf
         assert used == self._used, (used, self._used)
         assert pinned == self._pinned_bytes, (pinned, self._pinned_bytes)
         assert tracked == len(self._policy), (tracked, len(self._policy))

@@ -18,13 +18,7 @@ import errno
 import json
 import logging
 import os
-import time
-from typing import TYPE_CHECKING, Any
-
-from scachefs import __version__
-
-if TYPE_CHECKING:
-    from scachefs.fs import ScacheFS
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -42,66 +36,20 @@ class ControlError(Exception):
         self.errno = err
 
 
-def _counters(stats: Any) -> dict[str, Any]:
+def counters(stats: Any) -> dict[str, Any]:
+    """A LayerStats as JSON-able data."""
     data = dataclasses.asdict(stats)
     data["store_read_hist"] = {str(k): v for k, v in sorted(stats.store_read_hist.items())}
     return data
 
 
-def stats_document(fs: ScacheFS) -> dict[str, Any]:
-    """Everything scachefs-stat shows, as plain JSON-able data."""
-    layers = []
-    keys = set(fs.shadow.layers()) | set(fs.layers)
-    for key in sorted(keys):
-        layer = fs.layers.get(key)
-        node = fs.shadow.nodes.get(key)
-        entry: dict[str, Any] = {
-            "path": layer.path if layer else (node.path if node else None),
-            "key": f"{key[0]}:{key[1]}",
-            "images": len(fs.shadow.images_on(key)),
-            "attached": layer is not None,
-            "identity_changes": fs.identity_changes[key],
-        }
-        if layer is not None:
-            entry.update(fs.boots.stats(layer))
-            buf = layer.buffer
-            entry.update(identity="{}:{}:{}:{}".format(*layer.identity), size=buf.size,
-                         open_handles=layer.handles, resident_bytes=buf.resident_bytes,
-                         hit_ratio=round(buf.stats.hit_ratio(), 4), **_counters(buf.stats))
-        else:
-            entry.update(size=node.validator[0] if node else None, open_handles=0,
-                         resident_bytes=0)
-        layers.append(entry)
-    cache = fs.cache
-    return {
-        "schema": SCHEMA,
-        "version": __version__,
-        "pid": os.getpid(),
-        "source": fs.source,
-        "mountpoint": fs.mountpoint,
-        "uptime_seconds": round(time.time() - fs.started, 3),
-        "fds": {"in_use": fs.fds_in_use(), "limit": fs.fd_limit},
-        "fuse": {**(fs.session.stats() if fs.session is not None else {}),
-                 "passthrough_off": fs.passthrough_off,
-                 "passthrough_files": sum(1 for f in fs.files.values() if f.backing_id)},
-        "cache": {"budget_bytes": cache.budget_bytes, "used_bytes": cache.used_bytes,
-                  "pinned_bytes": cache.pinned_bytes, "chunk_size": cache.chunk_size,
-                  "policy": cache.policy},
-        "totals": {**_counters(cache.total), "hit_ratio": round(cache.total.hit_ratio(), 4)},
-        "shadow": {"images": len(fs.shadow), "layers": len(keys),
-                   "problems": sum(1 for n in fs.shadow.nodes.values() if n.problem)},
-        "layers": layers,
-    }
-
-
-def encode_stats(fs: ScacheFS, paths: bool = True) -> bytes:
+def encode_stats(doc: dict[str, Any], paths: bool = True) -> bytes:
     """The stats document as compact JSON that fits in one xattr value.
 
     Without ``paths`` (callers other than root and the mount's owner), layer paths
     are replaced by their inode keys: a path can name a directory the caller may
     not list.
     """
-    doc = stats_document(fs)
     if not paths:
         for layer in doc["layers"]:
             layer["path"] = f"inode {layer['key']}"

@@ -22,10 +22,11 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
-from scachefs import control, syscalls
+from scachefs import __version__, control, syscalls
 from scachefs.boots import TRACE_DIR, Boots, open_trace_store
 from scachefs.chunkcache import ChunkCache
 from scachefs.fuse.ops import Attr, FuseError, Opened, Request, SetAttr
@@ -249,7 +250,7 @@ class ScacheFS(Passthrough):
     def _plain(self, handle: LayerHandle, st: os.stat_result) -> Opened:
         """Serve a handle as a plain file: the kernel's I/O if it can, else the store's."""
         handle.inode.page_identity = None  # the open drops the kernel's pages (no keep_cache)
-        return self._opened(handle, st.st_dev)
+        return self._opened(handle, st)
 
     async def _serve(self, handle: LayerHandle, st: os.stat_result, seen: int) -> Opened:
         """Decide how a new handle is served: a layer's buffer, or a plain file."""
@@ -323,7 +324,7 @@ class ScacheFS(Passthrough):
         handle = self.files[fh]
         layer = handle.layer if isinstance(handle, LayerHandle) else None
         if layer is None or not layer.active:
-            return await self.workers.run(pread_full, handle.fd, size, offset)
+            return await super().read(fh, offset, size)
         self._note(handle, layer, offset, size)
         self.demand_waiting += 1
         try:
@@ -486,11 +487,60 @@ class ScacheFS(Passthrough):
         return self.boots.start_prefetch(layer, reason)
 
     # --------------------------------------------------------- control channel
+    def stats_document(self) -> dict[str, Any]:
+        """Everything scachefs-stat shows, as plain JSON-able data."""
+        layers = []
+        keys = set(self.shadow.layers()) | set(self.layers)
+        for key in sorted(keys):
+            layer = self.layers.get(key)
+            node = self.shadow.nodes.get(key)
+            entry: dict[str, Any] = {
+                "path": layer.path if layer else (node.path if node else None),
+                "key": f"{key[0]}:{key[1]}",
+                "images": len(self.shadow.images_on(key)),
+                "attached": layer is not None,
+                "identity_changes": self.identity_changes[key],
+            }
+            if layer is not None:
+                entry.update(self.boots.stats(layer))
+                buf = layer.buffer
+                entry.update(identity="{}:{}:{}:{}".format(*layer.identity), size=buf.size,
+                             open_handles=layer.handles, resident_bytes=buf.resident_bytes,
+                             hit_ratio=round(buf.stats.hit_ratio(), 4),
+                             **control.counters(buf.stats))
+            else:
+                entry.update(size=node.validator[0] if node else None, open_handles=0,
+                             resident_bytes=0)
+            layers.append(entry)
+        cache = self.cache
+        return {
+            "schema": control.SCHEMA,
+            "version": __version__,
+            "pid": os.getpid(),
+            "source": self.source,
+            "mountpoint": self.mountpoint,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "fds": {"in_use": self.fds_in_use(), "limit": self.fd_limit},
+            "fuse": {**(self.session.stats() if self.session is not None else {}),
+                     "passthrough_off": self.passthrough_off,
+                     "passthrough_files": sum(1 for f in self.files.values() if f.backing_id),
+                     "daemon_io": dict(self.daemon_io)},
+            "cache": {"budget_bytes": cache.budget_bytes, "used_bytes": cache.used_bytes,
+                      "pinned_bytes": cache.pinned_bytes, "chunk_size": cache.chunk_size,
+                      "policy": cache.policy},
+            "totals": {**control.counters(cache.total),
+                       "hit_ratio": round(cache.total.hit_ratio(), 4)},
+            "shadow": {"images": len(self.shadow), "layers": len(keys),
+                       "problems": sum(1 for n in self.shadow.nodes.values() if n.problem)},
+            "layers": layers,
+        }
+
     async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
         if nodeid == ROOT_INODE and name == control.STATS_XATTR:
             # Layer paths may sit in directories the caller cannot list: only root
             # and the mount's owner see them.
-            return control.encode_stats(self, paths=control.may_act(req.uid, self.owner_uid))
+            return control.encode_stats(self.stats_document(),
+                                        paths=control.may_act(req.uid, self.owner_uid))
         return await super().getxattr(nodeid, name, req)
 
     async def listxattr(self, nodeid: int, req: Request) -> list[bytes]:

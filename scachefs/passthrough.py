@@ -151,6 +151,11 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
+def _kills_privs(mode: int) -> bool:
+    """Whether a write by an unprivileged caller must drop bits of this mode."""
+    return bool(mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
+
+
 def _kill_suidgid(fd: int) -> None:
     """Drop setuid, and setgid if group-executable, as a write by an unprivileged caller must."""
     mode = os.fstat(fd).st_mode
@@ -178,6 +183,8 @@ class Passthrough(Operations):
         self.passthrough_off: str | None = None
         self._passthrough_off_dev: dict[int, str] = {}
         self._trouble_logged: dict[tuple[str, int], tuple[float, int]] = {}
+        # Reads and writes of plain files that reached the daemon (with passthrough: none).
+        self.daemon_io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
 
     # ----------------------------------------------------------------- session
     def init(self, capable: int) -> int:
@@ -308,13 +315,19 @@ class Passthrough(Operations):
         return self._register(fd, st, parent, name)
 
     # ------------------------------------------------------------ passthrough
-    def _give_to_kernel(self, handle: OpenFile, st_dev: int) -> bool:
+    def _give_to_kernel(self, handle: OpenFile, st: os.stat_result) -> bool:
         """Let the kernel do this handle's I/O (passthrough); False: we serve it.
 
         Called without an await between the decision and the reply: the per-inode
         counts then always match what the kernel was told.
         """
         node = handle.inode
+        st_dev = st.st_dev
+        if handle.writable and _kills_privs(st.st_mode):
+            # With HANDLE_KILLPRIV_V2 the kernel leaves dropping setuid/setgid on a
+            # write to us, but it never tells us of a passthrough write: writers of
+            # such (rare) files are served by the daemon, which drops them.
+            return False
         if node.backing_id == 0:
             session = self.session
             if (session is None or not session.passthrough or self.passthrough_off
@@ -365,11 +378,11 @@ class Passthrough(Operations):
                     except OSError as exc:
                         log.warning("cannot close backing file %d: %s", backing_id, exc)
 
-    def _opened(self, handle: OpenFile, st_dev: int) -> Opened:
+    def _opened(self, handle: OpenFile, st: os.stat_result) -> Opened:
         """Register an open handle; the kernel does its I/O if it can."""
         fh = self._new_fh()
         self.files[fh] = handle
-        if self._give_to_kernel(handle, st_dev):
+        if self._give_to_kernel(handle, st):
             return Opened(fh, backing_id=handle.backing_id, noflush=not handle.writable)
         direct = self._direct_io(handle)
         self._serve_ourselves(handle, direct)
@@ -529,7 +542,7 @@ class Passthrough(Operations):
     async def open(self, nodeid: int, flags: int, req: Request) -> Opened:
         node = self._inode(nodeid)
         fd, st = await self.workers.run(self._reopen, node, flags)
-        return self._opened(self._new_handle(fd, node, flags), st.st_dev)
+        return self._opened(self._new_handle(fd, node, flags), st)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      req: Request) -> tuple[Entry, Opened]:
@@ -556,14 +569,17 @@ class Passthrough(Operations):
         inode = self.table.ref(path_fd, st, node.ino, name)
         handle = self._new_handle(fd, inode, flags)
         self.created(handle)
-        return self._entry(inode.ino, st), self._opened(handle, st.st_dev)
+        return self._entry(inode.ino, st), self._opened(handle, st)
 
     def created(self, handle: OpenFile) -> None:
         """Hook: ``create`` opened a new handle (there was no await since the open)."""
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.files[fh]
-        return await self.workers.run(pread_full, handle.fd, size, offset)
+        data = await self.workers.run(pread_full, handle.fd, size, offset)
+        self.daemon_io["reads"] += 1
+        self.daemon_io["read_bytes"] += len(data)
+        return data
 
     async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
         handle = self.files[fh]
@@ -574,7 +590,10 @@ class Passthrough(Operations):
                 _kill_suidgid(handle.fd)
             return written
 
-        return await self.workers.run(work)
+        written = await self.workers.run(work)
+        self.daemon_io["writes"] += 1
+        self.daemon_io["write_bytes"] += written
+        return written
 
     async def flush(self, fh: int) -> None:
         await self.workers.run(_flush, self.files[fh].fd)

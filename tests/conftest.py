@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount, require_tool
+from tests.mounting import USER, Mount, require_tool, run
 
 MountFactory = Callable[..., Mount]
 
@@ -19,6 +20,16 @@ def _environment() -> None:
     assert os.geteuid() == 0, "the test suite mounts FUSE file systems: run it as root"
     assert os.path.exists("/dev/fuse"), "/dev/fuse is missing"
     require_tool("fusermount3")
+
+
+@pytest.fixture(scope="session")
+def user() -> pwd.struct_passwd:
+    """An unprivileged user, created for the tests if the machine has none."""
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER)
+        return pwd.getpwnam(USER)
 
 
 @pytest.fixture

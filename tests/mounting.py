@@ -12,6 +12,8 @@ from pathlib import Path
 
 from scachefs.stat import find_mount
 
+USER = "scachefs-test"  # the unprivileged user the tests act as (conftest's `user`)
+
 # Log lines that a test may have provoked on purpose are listed per mount in `allow`.
 _BAD_LOG = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
 

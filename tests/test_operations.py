@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scachefs.cli import OPTIONS_HELP
 from tests.conftest import MountFactory
 from tests.mounting import Mount, mount_type, run
-from tests.test_permissions import USER, public_dir, user  # noqa: F401 (fixtures)
+from tests.test_permissions import USER, public_dir  # noqa: F401 (fixture)
 from tests.test_qemu_passthrough import make_base, qemu_io
 from tests.test_shadow_cache import layer_stats, overlay
 

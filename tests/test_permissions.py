@@ -13,19 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount, run
-
-USER = "scachefs-test"
-
-
-@pytest.fixture(scope="module")
-def user() -> pwd.struct_passwd:
-    """An unprivileged user, created for the tests if the machine has none."""
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER)
-        return pwd.getpwnam(USER)
+from tests.mounting import USER, Mount, run
 
 
 @pytest.fixture

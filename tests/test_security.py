@@ -30,7 +30,6 @@ USER_PY = "/usr/bin/python3"  # root's python may live where the test user canno
 MAX_TRACE_BYTES = 16 << 20  # docs/boot-traces.md: a trace file never exceeds 16 MiB
 
 # The unprivileged user and the world-reachable store and mount point of test_permissions.
-user = test_permissions.user
 public_dir = test_permissions.public_dir
 store = test_permissions.store
 mnt = test_permissions.mnt
