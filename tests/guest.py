@@ -32,18 +32,29 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-GUEST_VERSION: int = 1  # bump to force a rebuild
+GUEST_VERSION: int = 2  # bump to force a rebuild
 CACHE_DIR = Path(os.environ.get("SCACHEFS_GUEST_CACHE", "/var/cache/scachefs-guest"))
 
 SUITE = "bookworm"
 HOSTNAME = "scachefs-guest"
 MARKER = "SCACHEFS-BOOT-DONE"
+JOB_BEGIN, JOB_END = "SCACHEFS-JOB-BEGIN", "SCACHEFS-JOB-END"
+# Jobs the guest runs at multi-user before its marker when booted with scachefs.job=NAME;
+# their output is printed between JOB_BEGIN and JOB_END on the serial console.
+JOBS = {
+    # 4 KiB random read/write with O_DIRECT on a file of the root file system, which
+    # lives in the VM's own overlay: the disk I/O of a database-like guest.
+    "fio-randrw": "fio --name=guest --directory=/var/tmp --size=128M --direct=1 "
+                  "--ioengine=libaio --iodepth=16 --rw=randrw --bs=4k --time_based "
+                  "--runtime=15 --randrepeat=0 --output-format=json",
+}
 IMAGE_BYTES = 2 << 30
 CLUSTER_SIZE = 65536
 # A realistic-ish server: systemd, udev, dbus, sshd, cron, rsyslog (plus the kernel).
 PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "openssh-server", "cron", "rsyslog",
     "logrotate", "procps", "iproute2", "linux-image-cloud-amd64",
+    "fio",  # for jobs: I/O benchmarks inside the guest (see JOBS)
 )
 # Kernel modules the initramfs needs to reach /dev/vda (deps come from modules.dep).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "ext4")
@@ -72,6 +83,14 @@ class BootResult:
     reached_multi_user: bool
     console: str
     returncode: int | None = None  # qemu's exit status; None when it had to be killed
+
+    def job_output(self) -> str:
+        """What the guest's job printed (between JOB_BEGIN and JOB_END)."""
+        begin = self.console.find(JOB_BEGIN)
+        end = self.console.find(JOB_END, begin + 1)
+        if begin < 0 or end < 0:
+            raise AssertionError(f"the guest printed no job output:\n{self.console[-3000:]}")
+        return self.console[begin + len(JOB_BEGIN):end].strip()
 
 
 class GuestBuildError(RuntimeError):
@@ -278,12 +297,28 @@ read -r up _ < /proc/uptime
 printf '\\n{MARKER} uptime=%s\\n' "$up" > /dev/ttyS0
 """
 
+_JOB_SCRIPT = "\n".join([
+    "#!/bin/sh",
+    "# scachefs test guest: run the job named by scachefs.job= on the kernel command line.",
+    "job=$(sed -n 's/.*scachefs\\.job=\\([a-z0-9-]*\\).*/\\1/p' /proc/cmdline)",
+    'case "$job" in',
+    *(f"  {name}) {command} > /var/tmp/job.out 2>&1 ;;" for name, command in JOBS.items()),
+    "  *) exit 0 ;;",
+    "esac",
+    f"printf '\\n{JOB_BEGIN}\\n' > /dev/ttyS0",
+    "cat /var/tmp/job.out > /dev/ttyS0",
+    f"printf '\\n{JOB_END}\\n' > /dev/ttyS0",
+    "",
+])
+
 _MARKER_UNIT = """[Unit]
 Description=scachefs test guest: announce multi-user.target, then power off
 After=multi-user.target
 
 [Service]
 Type=oneshot
+TimeoutStartSec=600
+ExecStart=/usr/local/sbin/scachefs-job
 ExecStart=/usr/local/sbin/scachefs-boot-done
 ExecStart=/bin/systemctl --no-block poweroff
 
@@ -320,6 +355,9 @@ def _configure_guest(root: Path) -> None:
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(_MARKER_SCRIPT)
     script.chmod(0o755)
+    job = root / "usr/local/sbin/scachefs-job"
+    job.write_text(_JOB_SCRIPT)
+    job.chmod(0o755)
     system = etc / "systemd/system"
     (system / "scachefs-boot-done.service").write_text(_MARKER_UNIT)
     _symlink(system / "multi-user.target.wants/scachefs-boot-done.service",
@@ -515,13 +553,22 @@ def _remove_tree(path: Path) -> None:
 
 
 def boot(overlay: Path, image: GuestImage, memory_mib: int = 512, timeout: float = 300,
-         cache: str = "none", extra_args: Sequence[str] = ()) -> BootResult:
-    """Boot overlay under TCG until the guest prints MARKER and powers off (or timeout)."""
+         cache: str = "none", extra_args: Sequence[str] = (), job: str | None = None
+         ) -> BootResult:
+    """Boot overlay under TCG until the guest prints MARKER and powers off (or timeout).
+
+    With ``job`` (a key of JOBS) the guest runs it before the marker; its output is
+    :meth:`BootResult.job_output`.
+    """
     drive = os.fspath(overlay).replace(",", ",,")
+    append = "root=/dev/vda ro console=ttyS0 panic=-1"
+    if job is not None:
+        assert job in JOBS, job
+        append += f" scachefs.job={job}"
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-smp", "2", "-m", str(memory_mib),
            "-nographic", "-no-reboot", "-nic", "none",
            "-kernel", os.fspath(image.kernel), "-initrd", os.fspath(image.initrd),
-           "-append", "root=/dev/vda ro console=ttyS0 panic=-1",
+           "-append", append,
            "-drive", f"file={drive},if=virtio,format=qcow2,cache={cache}",
            *extra_args]
     marker = MARKER.encode() + b" uptime="
