@@ -13,18 +13,13 @@ import logging
 import logging.handlers
 import os
 import resource
-import signal
-import socket
 import stat
 import sys
 from collections.abc import Callable
 
-import trio
-
-from scachefs import __version__
-from scachefs.fs import ScacheFS
+from scachefs import __version__, daemon
 from scachefs.fuse import mount as fuse_mount
-from scachefs.fuse.session import Session
+from scachefs.holder import RESTART_CAUSE_ENV, Holder
 from scachefs.options import MountOptions, OptionError, parse_options
 
 log = logging.getLogger("scachefs")
@@ -62,6 +57,11 @@ mount options (-o name[=value],...):
                        layer itself (FUSE passthrough, Linux 6.9+, daemon as root): auto
                        (default) where possible, on: refuse to mount without it, off: the
                        daemon serves every read and write
+  restart=on|off       on (default): a small holder process keeps the mount and restarts
+                       the daemon when it dies; the new daemon takes the mount over and
+                       VMs see a stall, not an error (SIGHUP to the holder, or
+                       scachefs-stat --upgrade, upgrades the daemon the same way); off:
+                       one process, and the mount dies with it
   layers=auto|all      which files are served from the shared cache: auto (default) the
                        files other images name as backing file; all: every file opened
                        read-only (for a mount over a base directory only, e.g. Nova's
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="log every request (implies verbose logging)")
     parser.add_argument("--version", action="version", version=f"scachefs {__version__}")
+    # Internal: the holder starts the serving daemon with its descriptors (FUSE, root,
+    # state, ready pipe).
+    parser.add_argument("--serve-fds", help=argparse.SUPPRESS)
     return parser
 
 
@@ -118,21 +121,6 @@ def setup_logging(debug: bool, to_syslog: bool = False, log_file: str | None = N
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def notify_systemd(message: str) -> None:
-    """sd_notify(3) without a dependency: one datagram to $NOTIFY_SOCKET, if set."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address, exc)
-
-
 class MountError(Exception):
     """The mount could not be made; the message says why and what to do."""
 
@@ -153,33 +141,6 @@ def _check_dirs(source: str, mountpoint: str) -> int:
         os.close(root_fd)
         raise MountError(f"MOUNTPOINT {mountpoint} is not a directory")
     return root_fd
-
-
-async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
-                 ready: Callable[[], None]) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def wait_ready() -> None:
-            # The mount is live once a request through it is answered by our loop.
-            await trio.to_thread.run_sync(os.stat, mountpoint)
-            ready()
-            notify_systemd(f"READY=1\nSTATUS=serving {ops.source} at {mountpoint}")
-
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s, unmounting", signal.Signals(signum).name)
-                    notify_systemd("STOPPING=1")
-                    # Lazily: the kernel ends the connection (our loop sees it) once no
-                    # file under the mount is open any more.
-                    await trio.to_thread.run_sync(fuse_mount.unmount, mountpoint, session.fd)
-                    return
-
-        nursery.start_soon(on_signals)
-        nursery.start_soon(wait_ready)
-        await ops.background(nursery)
-        await session.serve()
-        nursery.cancel_scope.cancel()
 
 
 def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -215,37 +176,75 @@ def raise_fd_limit() -> int:
 
 
 def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
-              ready: Callable[[], None]) -> None:
-    """Mount, serve until unmounted or signalled, then clean up. Raises MountError."""
+              ready: Callable[[], None], daemon_args: list[str]) -> int:
+    """Mount and serve until unmounted or signalled; the exit status. Raises MountError."""
     raise_fd_limit()
     root_fd = _check_dirs(source, mountpoint)
-    os.umask(0)  # modes from callers arrive with their umask already applied
-    ops = ScacheFS(root_fd, opts, source, mountpoint)
+    os.set_inheritable(root_fd, True)
     spec = fuse_mount.MountSpec(source, mountpoint, "scachefs", allow_other=opts.allow_other,
                                 flags=opts.kernel_flags)
     try:
+        if opts.restart == "on":
+            return Holder(spec, root_fd, daemon_args, restart=True).run(ready)
         fd = fuse_mount.mount(spec)
     except OSError as exc:
         raise MountError(f"mounting {source} on {mountpoint} failed: {exc.strerror or exc}"
                          ) from None
-    session = Session(fd, ops, max_tasks=opts.max_tasks)
-    ops.session = session
-    log.info("mounted %s on %s (cache budget %d MiB, %d open files at most)", source,
-             mountpoint, opts.cache_budget() >> 20, ops.fd_limit)
     try:
-        trio.run(_serve, ops, session, mountpoint, ready)
-    except BaseException as exc:
-        refused = _first(exc, ConnectionError)
-        if refused is not None:
-            raise MountError(f"mounting {source} on {mountpoint} failed: {refused}") from None
-        raise
+        return _serve_daemon(source, mountpoint, opts,
+                             daemon.Descriptors(fd, root_fd), "mount", ready)
     finally:
         fuse_mount.unmount(mountpoint, fd)
         os.close(fd)
         log.info("unmounted %s", mountpoint)
 
 
-def _daemonize(run: Callable[[Callable[[], None]], None]) -> int:
+def _serve_daemon(source: str, mountpoint: str, opts: MountOptions, fds: daemon.Descriptors,
+                  cause: str, ready: Callable[[], None]) -> int:
+    try:
+        return daemon.serve(source, mountpoint, opts, fds, cause, ready)
+    except BaseException as exc:
+        refused = _first(exc, ConnectionError)
+        if refused is not None:
+            raise MountError(f"mounting {source} on {mountpoint} failed: {refused}") from None
+        raise
+
+
+def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
+                   detach: bool) -> int:
+    """The daemon process a holder started: serve on the descriptors it passed.
+
+    ``detach``: the holder runs in the background; once the mount is live this
+    process lets go of the terminal too (until then, errors still reach the user).
+    """
+    fuse_fd, root_fd, state_fd, ready_fd = (int(v) for v in spec.split(","))
+    for fd in (fuse_fd, root_fd, state_fd):
+        os.set_inheritable(fd, False)
+    raise_fd_limit()
+
+    def ready() -> None:
+        if detach:
+            _detach_output()
+        try:
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+        except OSError:
+            pass
+
+    cause = os.environ.get(RESTART_CAUSE_ENV, "mount")
+    try:
+        return _serve_daemon(source, mountpoint, opts,
+                             daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd),
+                             cause, ready)
+    except MountError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+_DETACHED_ENV = "SCACHEFS_DETACHED"
+
+
+def _daemonize(run: Callable[[Callable[[], None]], int]) -> int:
     """Fork; the parent returns 0 once the child reports the mount live, else 1."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -276,7 +275,7 @@ def _daemonize(run: Callable[[Callable[[], None]], None]) -> int:
 
     code = 0
     try:
-        run(ready)
+        code = run(ready)
     except MountError as exc:
         log.error("%s", exc)
         os.write(write_fd, f"scachefs: {exc}\n".encode())
@@ -335,9 +334,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint)
+    if args.serve_fds:  # the daemon a holder started
+        return serve_with_fds(source, mountpoint, opts, args.serve_fds,
+                              detach=bool(os.environ.get(_DETACHED_ENV)))
+    daemon_args = [source, mountpoint, "-f", *(f"-o{o}" for o in args.options)]
+    if args.debug:
+        daemon_args.append("--debug")
 
-    def run(ready: Callable[[], None]) -> None:
-        run_mount(source, mountpoint, opts, args.debug, ready)
+    def run(ready: Callable[[], None]) -> int:
+        return run_mount(source, mountpoint, opts, args.debug, ready, daemon_args)
 
     if not args.foreground:
         try:
@@ -345,10 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         except MountError as exc:
             print(f"scachefs: {exc}", file=sys.stderr)
             return 1
+        os.environ[_DETACHED_ENV] = "1"  # the holder's daemons log like it, once detached
         return _daemonize(run)
     try:
-        run(lambda: log.info("mount is live"))
+        return run(lambda: log.info("mount is live"))
     except MountError as exc:
         log.error("%s", exc)
         return 1
-    return 0

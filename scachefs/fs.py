@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import stat
@@ -36,6 +37,7 @@ from scachefs.options import MountOptions
 from scachefs.passthrough import OpenDir, OpenFile, Passthrough, pread_full
 from scachefs.prefetch import BUDGET_SHARE
 from scachefs.shadow import ImageNode, Key, Shadow, key_of, probe_image, scan_store
+from scachefs.takeover import KIND_LAYER
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,12 @@ class LayerHandle(OpenFile):
 
     layer: Layer | None = None
     counted_writer: bool = False  # counted in ScacheFS.writers until released
+
+
+def _real_parent(path: str) -> str:
+    """``path`` with the symlinks of its parent resolved (the last name is not looked up)."""
+    head, tail = os.path.split(path)
+    return os.path.join(os.path.realpath(head), tail)
 
 
 def _fstat_all(fds: list[int]) -> list[os.stat_result | None]:
@@ -80,7 +88,9 @@ class ScacheFS(Passthrough):
         # truncate): an open whose stat is older than its count takes it again.
         self.changes: Counter[Key] = Counter()
         self.identity_changes: Counter[Key] = Counter()
-        prefixes = {mountpoint, source, os.path.realpath(mountpoint), os.path.realpath(source)}
+        # Not realpath(mountpoint) itself: a daemon that takes over an existing mount
+        # would wait for its own answer to that lookup.
+        prefixes = {mountpoint, source, _real_parent(mountpoint), _real_parent(source)}
         self.prefixes = tuple(sorted(os.fsencode(p) for p in prefixes if p != "/"))
         self.started = time.time()
         self.demand_waiting = 0  # demand reads waiting for the store: prefetch yields to them
@@ -90,6 +100,9 @@ class ScacheFS(Passthrough):
         self.scanned = trio.Event()  # set once the mount-time scan of the store is done
         self._evictions_seen = 0
         self._pressure_logged = -60.0
+        self.generation = 0  # takeovers of this mount's connection (see daemon.py)
+        self.restart: dict[str, Any] | None = None  # the last takeover: when, why, what
+        self.restored_layer_files: list[int] = []  # fhs to attach to their layers again
 
     # --------------------------------------------------------------- discovery
     async def scan(self) -> None:
@@ -284,10 +297,13 @@ class ScacheFS(Passthrough):
         # The kernel may keep its pages only if they are of this very identity.
         keep_cache = not direct and node.page_identity == layer.identity
         node.page_identity = None if direct else layer.identity
-        fh = self._new_fh()
-        self.files[fh] = handle
         self._serve_ourselves(handle, direct)
-        return Opened(fh, keep_cache=keep_cache, direct_io=direct, noflush=True)
+        return Opened(self._register_file(handle), keep_cache=keep_cache, direct_io=direct,
+                      noflush=True)
+
+    def file_kind(self, handle: OpenFile) -> int:
+        layer = handle.layer if isinstance(handle, LayerHandle) else None
+        return super().file_kind(handle) | (KIND_LAYER if layer is not None else 0)
 
     def _forget_handle(self, handle: LayerHandle) -> None:
         """Undo what a handle counted (writer, layer attachment); no await, never raises."""
@@ -335,7 +351,7 @@ class ScacheFS(Passthrough):
             self.demand_waiting -= 1
 
     async def release(self, fh: int) -> None:
-        handle = self.files.pop(fh)
+        handle = self._unregister_file(fh)
         if isinstance(handle, LayerHandle):
             self._forget_handle(handle)
         self._closed(handle)
@@ -375,6 +391,9 @@ class ScacheFS(Passthrough):
         nursery.start_soon(self._scan_then_prefetch)
         nursery.start_soon(self.boots.watch, lambda: list(self.layers.values()))
         nursery.start_soon(self._check_layers)
+        for fh in self.restored_layer_files:
+            self.spawn(f"reattach of handle {fh}", functools.partial(self._reattach, fh))
+        self.restored_layer_files = []
 
     def spawn(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
         """Run ``fn`` beside request handling; a bug in it is logged, never ends the mount."""
@@ -389,6 +408,34 @@ class ScacheFS(Passthrough):
                 log.exception("internal error in %s", what)
 
         nursery.start_soon(guarded)
+
+    def restored(self) -> None:
+        """After a takeover: count the writers among the open files the tables brought back."""
+        for handle in self.files.values():
+            if isinstance(handle, LayerHandle) and handle.writable:
+                key = handle.inode.key
+                handle.counted_writer = True
+                self.writers[key] += 1
+                self.changes[key] += 1
+
+    async def _reattach(self, fh: int) -> None:
+        """A restored read-only handle of a layer: serve it from the cache again."""
+        handle = self.files.get(fh)
+        if not isinstance(handle, LayerHandle) or handle.layer is not None:
+            return
+        node = handle.inode
+        st = await self.workers.run(os.fstat, handle.fd)
+        if self.files.get(fh) is not handle or node.passthrough_opens or self.writers[node.key]:
+            return  # gone meanwhile, or read from the store while a writer is open
+        path = self.shadow.path_of(node.key) or os.fsdecode(self.table.relpath(node) or b"?")
+        layer = self._attach(node.key, st, handle.fd, path)
+        handle.layer = layer
+        layer.handles += 1
+        self.boots.opened(layer, handle)
+        if not layer.loaded.is_set():
+            await self._load(layer)
+        if layer.active and layer.progress is None and self.options.prefetch != "off":
+            self.boots.start_prefetch(layer, "restart")
 
     async def _check_layers(self) -> None:
         """Let go of layers deleted or changed on the store behind the mount's back.
@@ -520,6 +567,9 @@ class ScacheFS(Passthrough):
             "source": self.source,
             "mountpoint": self.mountpoint,
             "uptime_seconds": round(time.time() - self.started, 3),
+            # Takeovers of the connection; the counters count from this daemon's start.
+            "generation": self.generation,
+            "restart": self.restart,
             "fds": {"in_use": self.fds_in_use(), "limit": self.fd_limit},
             "fuse": {**(self.session.stats() if self.session is not None else {}),
                      "passthrough_off": self.passthrough_off,

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import stat
+from collections.abc import Callable, Iterator
 
 ROOT_INODE = 1  # FUSE_ROOT_ID
 _PRIVATE_BASE = 1 << 63  # numbers for objects on other devices or colliding with ROOT_INODE
@@ -48,6 +49,7 @@ class Inode:
     backing_id: int = 0
     passthrough_opens: int = 0
     cached_opens: int = 0
+    handle: bytes | None = None  # the store's file handle (b"": it has none), once asked
 
     @property
     def is_dir(self) -> bool:
@@ -63,6 +65,10 @@ class Inode:
         return f"/proc/self/fd/{self.fd}"
 
 
+def _nothing(_: object) -> None:
+    pass
+
+
 class InodeTable:
     """Maps FUSE inode numbers to store objects and keeps their lookup counts."""
 
@@ -73,6 +79,10 @@ class InodeTable:
         self._by_ino: dict[int, Inode] = {ROOT_INODE: self.root}
         self._by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
         self._next_private = _PRIVATE_BASE
+        # Told of every change the kernel can see (a count, a name), for the state a
+        # restarted daemon takes over: changed(inode) before the reply, gone(ino) after.
+        self.changed: Callable[[Inode], None] = _nothing
+        self.gone: Callable[[int], None] = _nothing
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -110,7 +120,21 @@ class InodeTable:
         inode.nlookup += 1
         if parent:
             inode.parent, inode.name = parent, name
+        self.changed(inode)
         return inode
+
+    def adopt(self, inode: Inode) -> None:
+        """Take an entry a previous daemon created (same number), on takeover."""
+        if inode.ino == ROOT_INODE:
+            self.root.nlookup = inode.nlookup
+            return
+        self._by_ino[inode.ino] = inode
+        self._by_key[inode.key] = inode
+        if inode.ino >= _PRIVATE_BASE:
+            self._next_private = max(self._next_private, inode.ino + 1)
+
+    def __iter__(self) -> Iterator[Inode]:
+        return iter(list(self._by_ino.values()))
 
     def find(self, st: os.stat_result) -> Inode | None:
         """The entry of a store object, if the kernel knows it."""
@@ -144,11 +168,13 @@ class InodeTable:
             return
         inode.nlookup -= count
         if inode.nlookup > 0:
+            self.changed(inode)
             return
         if inode.nlookup < 0:
             log.warning("inode %d forgotten more often than looked up", ino)
         del self._by_ino[ino]
         del self._by_key[inode.key]
+        self.gone(ino)
         try:
             os.close(inode.fd)
         except OSError as exc:  # pragma: no cover - closing an O_PATH fd does not fail

@@ -56,6 +56,7 @@ class MountOptions:
     host_id: str | None = None  # None: the host name
     passthrough: str = "auto"  # auto: the kernel does plain files' I/O if it can; on; off
     layers: str = "auto"  # auto: files other images name as backing; all: every read-only file
+    restart: str = "on"  # on: a holder restarts a dead daemon, which takes over the mount
 
     def cache_budget(self) -> int:
         """The cache budget in bytes: the option, or a quarter of physical RAM."""
@@ -189,6 +190,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 opts.log_file = os.path.abspath(value)
             elif name == "passthrough":
                 opts.passthrough = _parse_choice(value, name, ("auto", "on", "off"))
+            elif name == "restart":
+                opts.restart = _parse_choice(value, name, ("on", "off"))
             elif name == "layers":
                 opts.layers = _parse_choice(value, name, ("auto", "all"))
             elif name == "max_tasks":

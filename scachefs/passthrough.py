@@ -31,6 +31,7 @@ from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Reques
 from scachefs.fuse.session import DirBuffer, Session
 from scachefs.inodes import Inode, InodeTable
 from scachefs.options import MountOptions
+from scachefs.takeover import KIND_CACHED, KIND_PASSTHROUGH, Journal
 from scachefs.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,13 @@ class Passthrough(Operations):
         self._trouble_logged: dict[tuple[str, int], tuple[float, int]] = {}
         # Reads and writes of plain files that reached the daemon (with passthrough: none).
         self.daemon_io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
+        self.journal: Journal | None = None  # with a holder: the state a successor restores
+
+    def use_journal(self, journal: Journal) -> None:
+        """Write every table change to the state a restarted daemon takes over."""
+        self.journal = journal
+        self.table.changed = journal.node
+        self.table.gone = journal.node_gone
 
     # ----------------------------------------------------------------- session
     def init(self, capable: int) -> int:
@@ -380,13 +388,35 @@ class Passthrough(Operations):
 
     def _opened(self, handle: OpenFile, st: os.stat_result) -> Opened:
         """Register an open handle; the kernel does its I/O if it can."""
-        fh = self._new_fh()
-        self.files[fh] = handle
         if self._give_to_kernel(handle, st):
+            fh = self._register_file(handle)
             return Opened(fh, backing_id=handle.backing_id, noflush=not handle.writable)
         direct = self._direct_io(handle)
         self._serve_ourselves(handle, direct)
-        return Opened(fh, direct_io=direct, noflush=not handle.writable)
+        return Opened(self._register_file(handle), direct_io=direct, noflush=not handle.writable)
+
+    def file_kind(self, handle: OpenFile) -> int:
+        """How a handle is served, as the state records it (takeover.KIND_*)."""
+        return (KIND_CACHED if handle.cached else 0) | (
+            KIND_PASSTHROUGH if handle.backing_id else 0)
+
+    def _register_file(self, handle: OpenFile) -> int:
+        """A new fh for an open handle, journalled before the kernel learns it."""
+        fh = self._new_fh()
+        self.files[fh] = handle
+        if self.journal is not None:
+            self.journal.file(fh, handle, self.file_kind(handle))
+        return fh
+
+    def _unregister_file(self, fh: int) -> OpenFile:
+        handle = self.files.pop(fh)
+        if self.journal is not None:
+            self.journal.file_gone(fh)
+        return handle
+
+    def _adopt_dir(self, fh: int, fd: int, node: Inode) -> None:
+        """A directory handle a previous daemon opened (takeover)."""
+        self.dirs[fh] = OpenDir(fd, node)
 
     def _direct_io(self, handle: OpenFile) -> bool:
         """Whether a handle we serve bypasses the kernel's page cache (FOPEN_DIRECT_IO).
@@ -402,6 +432,7 @@ class Passthrough(Operations):
         if name == b"." or (name == b".." and node is self.table.root):
             st = await self.workers.run(os.fstat, node.fd)
             node.nlookup += 1
+            self.table.changed(node)
             return self._entry(node.ino, st)
         self._check_fd_budget()
         fd, st = await self.workers.run(_open_path, node.fd, name)
@@ -505,6 +536,7 @@ class Passthrough(Operations):
             inode = self.table.find(st)
             if inode is not None:
                 inode.parent, inode.name = p.ino, n
+                self.table.changed(inode)
         if replaced is not None and (replaced.st_dev, replaced.st_ino) != (
                 moved[0][0].st_dev, moved[0][0].st_ino):
             self.unlinked(replaced)
@@ -521,6 +553,7 @@ class Passthrough(Operations):
         st = await self.workers.run(work)
         node.nlookup += 1  # the kernel counts the new entry as a lookup of this inode
         node.parent, node.name = parent.ino, new_name
+        self.table.changed(node)
         return self._entry(node.ino, st)
 
     # -------------------------------------------------------------------- files
@@ -599,7 +632,7 @@ class Passthrough(Operations):
         await self.workers.run(_flush, self.files[fh].fd)
 
     async def release(self, fh: int) -> None:
-        handle = self.files.pop(fh)
+        handle = self._unregister_file(fh)
         self._closed(handle)
         await self.workers.run(os.close, handle.fd)
 
@@ -628,6 +661,8 @@ class Passthrough(Operations):
             os.open, node.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fh = self._new_fh()
         self.dirs[fh] = OpenDir(fd, node)
+        if self.journal is not None:
+            self.journal.dir(fh, node)
         return fh
 
     async def _dot_entries(self, handle: OpenDir) -> list[tuple[int, os.stat_result]]:
@@ -696,6 +731,8 @@ class Passthrough(Operations):
 
     async def releasedir(self, fh: int) -> None:
         handle = self.dirs.pop(fh)
+        if self.journal is not None:
+            self.journal.dir_gone(fh)
         await self.workers.run(os.close, handle.fd)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

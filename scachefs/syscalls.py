@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 AT_EMPTY_PATH = 0x1000
@@ -98,3 +99,44 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode (punch hole, zero range, keep size), which os lacks."""
     _check(_libc.fallocate(fd, mode, offset, length))
+
+
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle),
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
+
+
+def file_handle(fd: int) -> bytes:
+    """The store's file handle of the object behind ``fd`` (name_to_handle_at), as bytes.
+
+    A handle names the object itself, not a path: it survives renames and the
+    daemon's restart (open_by_handle_at), as long as the object exists.
+    OSError(EOPNOTSUPP) where the file system has none (many FUSE stores).
+    """
+    handle = _FileHandle(MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(handle), ctypes.byref(mount_id),
+                                   AT_EMPTY_PATH))
+    kind = int(handle.handle_type).to_bytes(4, "little", signed=True)
+    return kind + bytes(handle.f_handle[:handle.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open the object a :func:`file_handle` names (needs CAP_DAC_READ_SEARCH)."""
+    if len(handle) < 4 or len(handle) - 4 > MAX_HANDLE_SZ:
+        raise OSError(errno.EINVAL, "malformed file handle")
+    fh = _FileHandle(len(handle) - 4, int.from_bytes(handle[:4], "little", signed=True))
+    ctypes.memmove(fh.f_handle, handle[4:], len(handle) - 4)
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -67,10 +69,24 @@ class Mount:
         self._log = open(log_path, "ab")  # closed in unmount() or kill()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
+        self._daemon_pid = self.proc.pid
         self._wait_live()
 
     @property
     def pid(self) -> int:
+        """The pid of the process serving requests (the holder's daemon), as the mount's
+        statistics said when it came up or at the last :meth:`refresh_pid`."""
+        return self._daemon_pid
+
+    def refresh_pid(self) -> int:
+        """Ask the mount again who serves it (a restarted daemon has a new pid)."""
+        self._daemon_pid = int(json.loads(os.getxattr(self.mountpoint,
+                                                      "user.scachefs.stats"))["pid"])
+        return self._daemon_pid
+
+    @property
+    def holder_pid(self) -> int:
+        """The ``scachefs`` process itself (with restart=off it serves requests too)."""
         return self.proc.pid
 
     def log(self) -> str:
@@ -84,6 +100,8 @@ class Mount:
             if "mount is live" in self.log():
                 mt = mount_type(self.mountpoint)
                 assert mt is not None and mt[1] == "fuse.scachefs", mt
+                with contextlib.suppress(PermissionError):  # not ours without allow_other
+                    self.refresh_pid()
                 return
             time.sleep(0.05)
         raise AssertionError(f"scachefs did not come up in {timeout}s:\n{self.log()}")

@@ -73,7 +73,8 @@ def deleted_fds(pid: int) -> list[str]:
             continue
         flags = int(next(line.split()[1] for line in info.splitlines()
                          if line.startswith("flags:")), 8)
-        if target.endswith(" (deleted)") and not flags & 0o10000000:  # O_PATH
+        if (target.endswith(" (deleted)") and not flags & 0o10000000  # O_PATH
+                and not target.startswith("/memfd:")):  # the daemon's own state
             out.append(target)
     return out
 

@@ -132,8 +132,10 @@ def test_stat_errors_on_non_mounts_dead_and_stuck_daemons(store: Path, mnt: Path
     finally:
         os.kill(mounted.pid, signal.SIGCONT)
     assert stat_cmd(mnt).returncode == 0
-    mounted.proc.kill()
+    mounted.proc.kill()  # the holder first, so that no successor takes over
     mounted.proc.wait()
+    os.kill(mounted.pid, signal.SIGKILL)  # then the daemon
+    time.sleep(0.2)
     start = time.monotonic()
     result = stat_cmd(mnt, check=False)
     assert result.returncode == 1 and "daemon is dead" in result.stderr, result.stderr

@@ -137,6 +137,10 @@ class Session:
         self._inflight = 0
         self._slot_free = trio.Event()
         self._malformed_logged: set[int] = set()
+        # Called with (protocol minor, flags) once INIT is negotiated, before its reply.
+        self.on_init: Callable[[int, int], None] = lambda minor, flags: None
+        self._reading = trio.CancelScope()
+        self._handing_over = False
         self._handlers: dict[int, Callable[[Request, int, bytes], Awaitable[None]]] = {
             abi.LOOKUP: self._op_lookup, abi.GETATTR: self._op_getattr,
             abi.SETATTR: self._op_setattr, abi.READLINK: self._op_readlink,
@@ -156,14 +160,42 @@ class Session:
         }
 
     # ------------------------------------------------------------------ loop
-    async def serve(self) -> None:
-        """Negotiate INIT, then serve until the file system is unmounted."""
-        await self._init()
+    async def serve(self, resume: tuple[int, int] | None = None) -> None:
+        """Negotiate INIT, then serve until the file system is unmounted.
+
+        ``resume`` = (protocol minor, flags) takes over a connection another process
+        initialized: the kernel sends no second INIT, and the requests that process
+        read but never answered are requeued (FUSE_NOTIFY_RESEND) and served here.
+        """
+        if resume is None:
+            await self._init()
+        else:
+            self._resume(*resume)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._loop()
-            nursery.cancel_scope.cancel()  # unmounted: nobody waits for these replies
+            with self._reading:
+                await self._loop()
+            if not self._handing_over:
+                nursery.cancel_scope.cancel()  # unmounted: nobody waits for these replies
+            # Handing over: the requests in hand finish and answer; then we are done.
         self._nursery = None
+
+    def handover(self) -> None:
+        """Stop reading requests; :meth:`serve` returns once those in hand are answered."""
+        self._handing_over = True
+        self._reading.cancel()
+
+    def _resume(self, minor: int, flags: int) -> None:
+        self.proto_minor, self.flags, self.kernel_flags = minor, flags, flags
+        self.passthrough = bool(flags & abi.PASSTHROUGH)
+        self.ops.init(flags)
+        if flags & abi.HAS_RESEND:
+            self._notify(abi.NOTIFY_RESEND, b"")
+            log.info("took over the FUSE connection (7.%d); requests in flight were resent",
+                     minor)
+        else:
+            log.warning("took over the FUSE connection, but the kernel cannot resend the "
+                        "requests the previous daemon held (Linux 6.9+): they wait forever")
 
     async def _read(self, buf: bytearray) -> int | None:
         """One request into ``buf``; None once the connection is gone."""
@@ -206,7 +238,9 @@ class Session:
         except ConnectionError:
             self._reply_error(unique, errno.EPROTO)
             raise
-        want = (SESSION_FLAGS | wanted) & capable
+        # HAS_RESEND is the kernel's to announce; kept in our flags, so that a daemon
+        # taking over later knows it may ask for a resend.
+        want = (SESSION_FLAGS | wanted | abi.HAS_RESEND) & capable
         if minor < abi.PASSTHROUGH_MINOR:
             want &= ~abi.PASSTHROUGH
         self.proto_minor = min(minor, abi.OUR_MINOR)
@@ -216,6 +250,7 @@ class Session:
             abi.KERNEL_VERSION, self.proto_minor, max_readahead, want & 0xFFFFFFFF,
             MAX_BACKGROUND, CONGESTION_THRESHOLD, abi.MAX_WRITE, 1, abi.MAX_PAGES_LIMIT, 0,
             want >> 32, 1 if self.passthrough else 0, 0)
+        self.on_init(self.proto_minor, want)
         self._reply(unique, reply)
         log.debug("FUSE 7.%d negotiated, flags %#x (kernel offered %#x)", self.proto_minor,
                   want, capable)

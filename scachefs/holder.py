@@ -1,0 +1,187 @@
+"""The holder: keeps the mount alive across the serving daemon's deaths and upgrades.
+
+A FUSE connection lives as long as any descriptor of its /dev/fuse is open. The
+holder is the process ``scachefs`` starts: it mounts, keeps the /dev/fuse
+descriptor, the store's root descriptor and the state memfd, and runs the
+serving daemon (:mod:`scachefs.daemon`) as its child with copies of them.
+
+- The daemon dies (a crash, an OOM kill, SIGKILL): the connection stays up,
+  requests wait in the kernel, and the holder starts a successor at once, which
+  restores the tables from the state and asks the kernel to resend what its
+  predecessor left unanswered. VMs see a stall, not an error.
+- SIGHUP (``systemctl reload``, ``scachefs-stat --upgrade``): graceful upgrade.
+  The daemon stops reading requests, answers those in hand and exits; the holder
+  starts the new code installed on disk, which takes over.
+- SIGTERM/SIGINT: the daemon unmounts and exits; so does the holder.
+- Where a takeover cannot work (a kernel without FUSE_NOTIFY_RESEND, state that
+  cannot be trusted, ``restart=off``, a daemon that keeps crashing) the holder
+  falls back to what happens without it: it lets the connection go, so clients
+  get ENOTCONN instead of waiting forever, and says so in the log.
+
+The holder imports little and does little, so that it has no reason to die. If
+it is killed, the daemon serves on with its own copy of the connection; the
+mount then lives until that daemon ends, and goes away cleanly (ENOTCONN) then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from scachefs import state
+from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST, notify_systemd
+from scachefs.fuse import abi
+from scachefs.fuse import mount as fuse_mount
+
+log = logging.getLogger(__name__)
+
+CRASH_WINDOW = 60.0  # seconds: more than CRASH_LIMIT restarts in this window ...
+CRASH_LIMIT = 10  # ... means the daemon cannot run here: give up
+RESTART_CAUSE_ENV = "SCACHEFS_RESTART_CAUSE"
+
+
+def describe(returncode: int) -> str:
+    """How a daemon ended, for the log and the stats."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Holder:
+    """Mounts, runs the daemon, restarts it, hands over on upgrade."""
+
+    def __init__(self, spec: fuse_mount.MountSpec, root_fd: int, daemon_args: list[str],
+                 restart: bool) -> None:
+        self.spec = spec
+        self.root_fd = root_fd
+        self.daemon_args = daemon_args
+        self.restart = restart
+        self.fuse_fd = -1
+        self.state_fd = -1
+        self._stop: int | None = None  # SIGTERM or SIGINT received
+        self._upgrade = False  # SIGHUP received, not yet passed on
+        self._ready_seen = False  # a daemon said the mount is live
+        self._crashes: list[float] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -------------------------------------------------------------- running
+    def run(self, ready: Callable[[], None]) -> int:
+        """Mount and keep it served until it is unmounted; the exit status."""
+        self.fuse_fd = fuse_mount.mount(self.spec)
+        self.state_fd = state.create_memfd("scachefs-state")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        cause = "mount"
+        first = True
+        code = 0
+        try:
+            while True:
+                returncode = self._run_daemon(cause, ready if first else None)
+                if first and not self._ready_seen:
+                    raise OSError(0, f"the daemon {describe(returncode)} before the mount "
+                                     "was live (its log says why)")
+                first = False
+                if returncode == 0 or not fuse_mount.connection_alive(self.fuse_fd):
+                    break  # unmounted
+                if self._stop is not None:
+                    break  # told to stop, and the daemon died on the way: let go
+                if returncode == EXIT_HANDOVER:
+                    cause = "upgrade"
+                    log.info("upgrade: starting the new daemon")
+                    continue
+                reason = self._why_not_restart(returncode)
+                if reason is not None:
+                    log.error("the daemon %s and cannot be restarted (%s): letting the "
+                              "mount go; clients get ENOTCONN until it is mounted again",
+                              describe(returncode), reason)
+                    code = 1
+                    break
+                cause = f"crashed: {describe(returncode)}"
+                log.warning("the daemon %s; starting a successor that takes over the mount",
+                            describe(returncode))
+        finally:
+            fuse_mount.unmount(self.spec.mountpoint, self.fuse_fd)
+            os.close(self.fuse_fd)
+            os.close(self.state_fd)
+            log.info("unmounted %s", self.spec.mountpoint)
+        return code
+
+    def _why_not_restart(self, returncode: int) -> str | None:
+        """None if a successor can take over the connection, else why not."""
+        if not self.restart:
+            return "restart=off"
+        if returncode == EXIT_STATE_LOST:
+            return "its state is corrupt"
+        log_ = state.StateLog(self.state_fd)
+        try:
+            if not log_.initialized():
+                return "it died before the kernel's INIT was answered"
+            flags = log_.load().flags
+        except state.StateError as exc:
+            return f"its state cannot be read: {exc}"
+        finally:
+            log_.close()
+        if not flags & abi.HAS_RESEND:
+            return ("the kernel cannot resend the requests it held (FUSE_NOTIFY_RESEND "
+                    "needs Linux 6.9 or newer)")
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
+        if len(self._crashes) > CRASH_LIMIT:
+            return f"it crashed {len(self._crashes)} times within {CRASH_WINDOW:.0f} s"
+        return None
+
+    def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
+        """Start a daemon on our descriptors and wait for it to end; its return code."""
+        read_end, write_end = os.pipe()
+        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end)
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env[RESTART_CAUSE_ENV] = cause
+        argv = [sys.executable, "-m", "scachefs", "--serve-fds",
+                ",".join(str(fd) for fd in fds), *self.daemon_args]
+        # /proc/self/exe: our own interpreter, even where its path is not reachable for
+        # the user we run as (argv[0] still names the venv's python, for its packages).
+        self.proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=fds, env=env,
+                                     stdin=subprocess.DEVNULL)
+        os.close(write_end)
+        waiter = threading.Thread(target=self._wait_ready, args=(read_end, ready),
+                                  daemon=True, name="ready")
+        waiter.start()
+        forwarded = False
+        while True:
+            try:
+                returncode = self.proc.wait(timeout=0.2)
+                waiter.join(5)  # the pipe closed with the daemon: its news is in
+                return returncode
+            except subprocess.TimeoutExpired:
+                pass
+            if self._upgrade:
+                self._upgrade = False
+                log.info("upgrade requested: the daemon hands over")
+                self.proc.send_signal(signal.SIGUSR1)
+            if self._stop is not None and not forwarded:
+                forwarded = True
+                notify_systemd("STOPPING=1")
+                self.proc.send_signal(signal.SIGTERM)
+
+    def _wait_ready(self, fd: int, ready: Callable[[], None] | None) -> None:
+        with os.fdopen(fd, "rb") as pipe:
+            if pipe.read(1) == b"r":
+                self._ready_seen = True
+                if ready is not None:
+                    ready()
+                    notify_systemd("READY=1")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._upgrade = True
+        else:
+            self._stop = signum
