@@ -81,6 +81,10 @@ def _layer_id(layer: Layer) -> LayerId:
     return LayerId(ino, size, mtime_ns)
 
 
+def _copy(data: bytes | memoryview | None) -> bytes | None:
+    return None if data is None else bytes(data)
+
+
 def _digests(chunks: list[tuple[int, bytes | None]], fd: int, chunk_size: int) -> dict[int, int]:
     """xxh3 of each chunk: from memory when resident, else read from the store (blocking)."""
     out = {}
@@ -215,7 +219,8 @@ class Boots:
         if store is None or layer.fd < 0:
             return
         cs = self.cache.chunk_size
-        chunks = [(c, self.cache.peek(layer.buffer, c)) for c in session.first_ms]
+        # Copies: the digests are taken in a worker while the cache goes on changing.
+        chunks = [(c, _copy(self.cache.peek(layer.buffer, c))) for c in session.first_ms]
         try:
             layer.fills += 1  # keeps layer.fd open (and its number ours) until the digests are read
             try:

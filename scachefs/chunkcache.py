@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from scachefs.arena import Arena, Restored
 from scachefs.eviction import POLICIES, EvictionPolicy, make_policy
 
 __all__ = [
@@ -85,6 +86,7 @@ class LayerBuffer:
         "_inflight",
         "_pinned",
         "_resident",
+        "_slots",
         "fill",
         "freq",
         "identity",
@@ -97,7 +99,8 @@ class LayerBuffer:
         self.size = size
         self.fill = fill
         self.stats = LayerStats()
-        self._chunks: dict[int, bytes] = {}
+        self._chunks: dict[int, bytes | memoryview] = {}
+        self._slots: dict[int, int] = {}  # chunk -> arena slot (with an arena)
         self.freq: dict[int, int] = {}  # the eviction policy's counters (S3-FIFO)
         self._inflight: dict[int, _Flight] = {}
         self._pinned: set[int] = set()
@@ -185,6 +188,7 @@ class ChunkCache:
         policy: str = "s3fifo",
         miss_window: int = 0,
         pin_limit: int | None = None,
+        arena: Arena | None = None,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
@@ -205,6 +209,12 @@ class ChunkCache:
         self._policy: EvictionPolicy[LayerBuffer] = make_policy(policy, budget_bytes, chunk_size)
         self.total = LayerStats()
         self._layers: dict[Hashable, LayerBuffer] = {}
+        # With an arena, chunks live in its shared memory (they outlive the daemon),
+        # and what a predecessor left there is adopted when its layer comes back.
+        self.arena = arena
+        self._restored: Restored = arena.scan() if arena is not None else {}
+        self.restored_bytes = sum(length for chunks in self._restored.values()
+                                  for _, length in chunks.values())
         self._used = 0
         self._pinned_bytes = 0
 
@@ -252,7 +262,25 @@ class ChunkCache:
             return buf
         buf = LayerBuffer(identity, size, fill)
         self._layers[identity] = buf
+        restored = self._restored.pop(identity, None)  # type: ignore[call-overload]
+        if restored:
+            self._adopt(buf, restored)
         return buf
+
+    def _adopt(self, buf: LayerBuffer, restored: dict[int, tuple[int, int]]) -> None:
+        """Take back the chunks a predecessor left in the arena (checked by its scan)."""
+        arena = self.arena
+        assert arena is not None
+        for index, (slot, length) in sorted(restored.items()):
+            if self._used + length > self._budget or index * self.chunk_size >= buf.size:
+                arena.free(slot)
+                continue
+            arena.adopted(slot)
+            buf._chunks[index] = arena.view(slot, length)
+            buf._slots[index] = slot
+            buf._resident += length
+            self._used += length
+            self._policy.insert(buf, index, length)
 
     def drop_layer(self, identity: Hashable, *, forget: bool = False) -> None:
         """Forget every chunk of a layer (it was written to or changed).
@@ -275,6 +303,10 @@ class ChunkCache:
             else:
                 policy.remove(buf, index)
         self._used -= buf._resident
+        if self.arena is not None:
+            for slot in buf._slots.values():
+                self.arena.free(slot)
+            buf._slots = {}
         buf._chunks = {}
         buf._resident = 0
         buf._inflight = {}
@@ -284,13 +316,17 @@ class ChunkCache:
             buf._attached = False
             buf._pinned = set()
 
-    def peek(self, layer: LayerBuffer, index: int) -> bytes | None:
-        """A resident chunk's bytes without counting a hit or touching the policy."""
+    def peek(self, layer: LayerBuffer, index: int) -> bytes | memoryview | None:
+        """A resident chunk's bytes without counting a hit or touching the policy.
+
+        With an arena it is a view of shared memory, valid until the next await (an
+        eviction may reuse its slot): copy it to keep it.
+        """
         return layer._chunks.get(index)
 
     # --------------------------------------------------------------- hot path
 
-    def lookup(self, layer: LayerBuffer, offset: int, size: int) -> bytes | None:
+    def lookup(self, layer: LayerBuffer, offset: int, size: int) -> bytes | memoryview | None:
         """Serve a read from memory, or return None (counting nothing) on any miss.
 
         Synchronous and syscall-free so the FUSE handler can answer hits without
@@ -342,7 +378,7 @@ class ChunkCache:
 
     # --------------------------------------------------------------- fill path
 
-    async def read(self, layer: LayerBuffer, offset: int, size: int) -> bytes:
+    async def read(self, layer: LayerBuffer, offset: int, size: int) -> bytes | memoryview:
         """Return exactly the requested bytes (short only at EOF), filling misses.
 
         Resident chunks come from memory, chunks someone else is filling are
@@ -419,7 +455,9 @@ class ChunkCache:
                 chunk = chunks.get(index)
                 if chunk is not None:
                     if out is not None:
-                        out[index - first] = chunk
+                        # A copy: the reader awaits other fills before it uses it, and an
+                        # arena slot may be evicted and reused meanwhile.
+                        out[index - first] = chunk if type(chunk) is bytes else bytes(chunk)
                         touch(layer, index)
                 else:
                     flight = inflight.get(index)
@@ -574,11 +612,18 @@ class ChunkCache:
                 return False
             owner, victim_index = evicted
             victim = owner._chunks.pop(victim_index)
+            if self.arena is not None:
+                self.arena.free(owner._slots.pop(victim_index))
             owner._resident -= len(victim)
             self._used -= len(victim)
             owner.stats.evictions += 1
             self.total.evictions += 1
-        layer._chunks[index] = chunk
+        if self.arena is not None:
+            slot, view = self.arena.put(layer.identity, index, chunk)  # type: ignore[arg-type]
+            layer._slots[index] = slot
+            layer._chunks[index] = view
+        else:
+            layer._chunks[index] = chunk
         layer._resident += nbytes
         self._used += nbytes
         if pinned:

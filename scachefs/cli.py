@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import logging.handlers
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 from scachefs import __version__, daemon
 from scachefs.fuse import mount as fuse_mount
-from scachefs.holder import RESTART_CAUSE_ENV, Holder
+from scachefs.holder import RESTART_CAUSE_ENV, Holder, stored_fds
 from scachefs.options import MountOptions, OptionError, parse_options
 
 log = logging.getLogger("scachefs")
@@ -125,6 +126,18 @@ class MountError(Exception):
     """The mount could not be made; the message says why and what to do."""
 
 
+def _stat_mountpoint(mountpoint: str) -> os.stat_result:
+    """stat the mount point; a FUSE mount left dead there by a crash is detached first."""
+    try:
+        return os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise
+    log.warning("%s is a dead mount (its daemon is gone): detaching it lazily", mountpoint)
+    fuse_mount.unmount(mountpoint)
+    return os.stat(mountpoint)
+
+
 def _check_dirs(source: str, mountpoint: str) -> int:
     """Open SOURCE before mounting (it may be hidden by the mount) and check MOUNTPOINT."""
     try:
@@ -132,7 +145,7 @@ def _check_dirs(source: str, mountpoint: str) -> int:
     except OSError as exc:
         raise MountError(f"cannot open SOURCE {source}: {exc.strerror}") from None
     try:
-        st = os.stat(mountpoint)
+        st = _stat_mountpoint(mountpoint)
     except OSError as exc:
         os.close(root_fd)
         raise MountError(f"cannot use MOUNTPOINT {mountpoint}: {exc.strerror} "
@@ -179,13 +192,19 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
               ready: Callable[[], None], daemon_args: list[str]) -> int:
     """Mount and serve until unmounted or signalled; the exit status. Raises MountError."""
     raise_fd_limit()
-    root_fd = _check_dirs(source, mountpoint)
-    os.set_inheritable(root_fd, True)
     spec = fuse_mount.MountSpec(source, mountpoint, "scachefs", allow_other=opts.allow_other,
                                 flags=opts.kernel_flags)
+    stored = stored_fds() if opts.restart == "on" else None
+    if stored is not None:  # systemd kept the live mount: no new mount, no look at it
+        holder = Holder(spec, stored["scachefs-root"], daemon_args, restart=True,
+                        cache=(opts.chunk_size, opts.cache_budget()))
+        return holder.run(ready, stored)
+    root_fd = _check_dirs(source, mountpoint)
+    os.set_inheritable(root_fd, True)
     try:
         if opts.restart == "on":
-            return Holder(spec, root_fd, daemon_args, restart=True).run(ready)
+            return Holder(spec, root_fd, daemon_args, restart=True,
+                          cache=(opts.chunk_size, opts.cache_budget())).run(ready)
         fd = fuse_mount.mount(spec)
     except OSError as exc:
         raise MountError(f"mounting {source} on {mountpoint} failed: {exc.strerror or exc}"
@@ -217,8 +236,8 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     ``detach``: the holder runs in the background; once the mount is live this
     process lets go of the terminal too (until then, errors still reach the user).
     """
-    fuse_fd, root_fd, state_fd, ready_fd = (int(v) for v in spec.split(","))
-    for fd in (fuse_fd, root_fd, state_fd):
+    fuse_fd, root_fd, state_fd, ready_fd, arena_fd = (int(v) for v in spec.split(","))
+    for fd in (fuse_fd, root_fd, state_fd, arena_fd):
         os.set_inheritable(fd, False)
     raise_fd_limit()
 
@@ -234,7 +253,8 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     cause = os.environ.get(RESTART_CAUSE_ENV, "mount")
     try:
         return _serve_daemon(source, mountpoint, opts,
-                             daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd),
+                             daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd,
+                                                arena_fd),
                              cause, ready)
     except MountError as exc:
         log.error("%s", exc)

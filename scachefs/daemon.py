@@ -44,6 +44,7 @@ class Descriptors:
     root: int
     state: int | None = None
     ready: int | None = None
+    arena: int | None = None
 
 
 def notify_systemd(message: str) -> None:
@@ -67,7 +68,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
           ready: Callable[[], None]) -> int:
     """Serve until unmounted (0) or asked to hand over (EXIT_HANDOVER)."""
     os.umask(0)  # modes from callers arrive with their umask already applied
-    ops = ScacheFS(fds.root, opts, source, mountpoint)
+    ops = ScacheFS(fds.root, opts, source, mountpoint, arena_fd=fds.arena)
     session = Session(fds.fuse, ops, max_tasks=opts.max_tasks)
     ops.session = session
     resume: tuple[int, int] | None = None
@@ -99,6 +100,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
 
             session.on_init = initialized
         ops.use_journal(Journal(statelog))
+        ops.holder_pid = os.getppid()
     log.info("serving %s on %s (cache budget %d MiB, %d open files at most)", source,
              mountpoint, opts.cache_budget() >> 20, ops.fd_limit)
     return trio.run(_serve, ops, session, mountpoint, ready, resume)

@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import stat
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from typing import Any
 import trio
 
 from scachefs import __version__, control, syscalls
+from scachefs.arena import Arena, slots_for
 from scachefs.boots import TRACE_DIR, Boots, open_trace_store
 from scachefs.chunkcache import ChunkCache
 from scachefs.fuse.ops import Attr, FuseError, Opened, Request, SetAttr
@@ -74,13 +76,18 @@ class ScacheFS(Passthrough):
     """The passthrough file system with backing layers served from the shared cache."""
 
     def __init__(self, root_fd: int, options: MountOptions, source: str,
-                 mountpoint: str) -> None:
+                 mountpoint: str, arena_fd: int | None = None) -> None:
         super().__init__(root_fd, options)
         self.source, self.mountpoint = source, mountpoint
         self.owner_uid = os.getuid()
         budget = options.cache_budget()
+        arena = None
+        if arena_fd is not None:  # chunks in the holder's memfd: they survive a restart
+            arena = Arena(arena_fd, options.chunk_size, slots_for(options.chunk_size, budget))
         self.cache = ChunkCache(budget, options.chunk_size, miss_window=options.readahead,
-                                pin_limit=int(budget * BUDGET_SHARE))
+                                pin_limit=int(budget * BUDGET_SHARE), arena=arena)
+        if self.cache.restored_bytes:
+            log.info("the cache kept %d MiB across the restart", self.cache.restored_bytes >> 20)
         self.shadow = Shadow()
         self.layers: dict[Key, Layer] = {}
         self.writers: Counter[Key] = Counter()  # writable handles and truncates in progress
@@ -103,6 +110,7 @@ class ScacheFS(Passthrough):
         self.generation = 0  # takeovers of this mount's connection (see daemon.py)
         self.restart: dict[str, Any] | None = None  # the last takeover: when, why, what
         self.restored_layer_files: list[int] = []  # fhs to attach to their layers again
+        self.holder_pid: int | None = None  # the holder that restarts and upgrades us
 
     # --------------------------------------------------------------- discovery
     async def scan(self) -> None:
@@ -325,7 +333,7 @@ class ScacheFS(Passthrough):
             cs = self.cache.chunk_size
             progress.note_demand(off // cs, (off + max(size, 1) - 1) // cs)
 
-    def read_now(self, fh: int, offset: int, size: int) -> bytes | None:
+    def read_now(self, fh: int, offset: int, size: int) -> bytes | memoryview | None:
         """A read of resident layer chunks, answered on the session's read loop."""
         handle = self.files.get(fh)
         layer = handle.layer if isinstance(handle, LayerHandle) else None
@@ -336,7 +344,7 @@ class ScacheFS(Passthrough):
             self._note(handle, layer, offset, size)  # type: ignore[arg-type]
         return data
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.files[fh]
         layer = handle.layer if isinstance(handle, LayerHandle) else None
         if layer is None or not layer.active:
@@ -352,6 +360,8 @@ class ScacheFS(Passthrough):
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)
+        if handle is None:
+            return
         if isinstance(handle, LayerHandle):
             self._forget_handle(handle)
         self._closed(handle)
@@ -645,6 +655,12 @@ class ScacheFS(Passthrough):
                 layer.should_record = bool(enabled)
             log.info("recording %s for %s on request of uid %d",
                      "enabled" if enabled else "disabled", path or "all layers", uid)
+        elif action == "upgrade":
+            if self.holder_pid is None:
+                raise control.ControlError(errno.EOPNOTSUPP, "this mount has no holder to "
+                                           "hand over to (restart=off)")
+            log.info("upgrade requested by uid %d", uid)
+            os.kill(self.holder_pid, signal.SIGHUP)
         elif action == "log_level":
             level = str(args.get("level", "")).upper()
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

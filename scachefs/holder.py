@@ -25,16 +25,18 @@ mount then lives until that daemon ends, and goes away cleanly (ENOTCONN) then.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 
-from scachefs import state
+from scachefs import arena, state
 from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST, notify_systemd
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
@@ -56,16 +58,53 @@ def describe(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+FDSTORE_NAMES = ("scachefs-fuse", "scachefs-root", "scachefs-state", "scachefs-arena")
+
+
+def stored_fds() -> dict[str, int] | None:
+    """The descriptors systemd's fd store gave back to a restarted holder (LISTEN_FDS).
+
+    None unless all four are there (then the mount lives on: take it over).
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)
+    found = {name: 3 + i for i, name in enumerate(names[:count]) if name in FDSTORE_NAMES}
+    return found if set(found) == set(FDSTORE_NAMES) else None
+
+
+def _fdstore(message: str, fd: int | None = None) -> None:
+    """One sd_notify datagram, with a descriptor for systemd's fd store (FDSTORE=1)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    ancillary = []
+    if fd is not None:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendmsg([message.encode()], ancillary, 0, address)
+    except OSError as exc:
+        log.warning("cannot talk to systemd's fd store at %s: %s", address, exc)
+
+
 class Holder:
     """Mounts, runs the daemon, restarts it, hands over on upgrade."""
 
     def __init__(self, spec: fuse_mount.MountSpec, root_fd: int, daemon_args: list[str],
-                 restart: bool) -> None:
+                 restart: bool, cache: tuple[int, int]) -> None:
         self.spec = spec
         self.root_fd = root_fd
         self.daemon_args = daemon_args
         self.restart = restart
+        self.cache = cache  # (chunk size, budget) of the arena the daemons share
         self.fuse_fd = -1
+        self.arena_fd = -1
         self.state_fd = -1
         self._stop: int | None = None  # SIGTERM or SIGINT received
         self._upgrade = False  # SIGHUP received, not yet passed on
@@ -74,13 +113,27 @@ class Holder:
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -------------------------------------------------------------- running
-    def run(self, ready: Callable[[], None]) -> int:
-        """Mount and keep it served until it is unmounted; the exit status."""
-        self.fuse_fd = fuse_mount.mount(self.spec)
-        self.state_fd = state.create_memfd("scachefs-state")
+    def run(self, ready: Callable[[], None], stored: dict[str, int] | None = None) -> int:
+        """Mount (or, with ``stored``, take over the mount systemd kept for us) and keep
+        it served until it is unmounted; the exit status."""
+        if stored is not None:
+            self.fuse_fd, self.root_fd, self.state_fd, self.arena_fd = (
+                stored[name] for name in FDSTORE_NAMES)
+            cause = "holder restart"
+            log.info("took the mount back from systemd's fd store")
+        else:
+            self.fuse_fd = fuse_mount.mount(self.spec)
+            self.state_fd = state.create_memfd("scachefs-state")
+            self.arena_fd = arena.create_memfd(*self.cache)
+            cause = "mount"
+        for fd in (self.fuse_fd, self.root_fd, self.state_fd, self.arena_fd):
+            os.set_inheritable(fd, True)
+        # Under systemd, the fd store keeps the connection if this holder dies too.
+        for name, fd in zip(FDSTORE_NAMES, (self.fuse_fd, self.root_fd, self.state_fd,
+                                            self.arena_fd), strict=True):
+            _fdstore(f"FDSTORE=1\nFDNAME={name}", fd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        cause = "mount"
         first = True
         code = 0
         try:
@@ -112,6 +165,9 @@ class Holder:
             fuse_mount.unmount(self.spec.mountpoint, self.fuse_fd)
             os.close(self.fuse_fd)
             os.close(self.state_fd)
+            os.close(self.arena_fd)
+            for name in FDSTORE_NAMES:
+                _fdstore(f"FDSTOREREMOVE=1\nFDNAME={name}")
             log.info("unmounted %s", self.spec.mountpoint)
         return code
 
@@ -142,7 +198,7 @@ class Holder:
     def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
         """Start a daemon on our descriptors and wait for it to end; its return code."""
         read_end, write_end = os.pipe()
-        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end)
+        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd)
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[RESTART_CAUSE_ENV] = cause
         argv = [sys.executable, "-m", "scachefs", "--serve-fds",

@@ -408,9 +408,11 @@ class Passthrough(Operations):
             self.journal.file(fh, handle, self.file_kind(handle))
         return fh
 
-    def _unregister_file(self, fh: int) -> OpenFile:
-        handle = self.files.pop(fh)
-        if self.journal is not None:
+    def _unregister_file(self, fh: int) -> OpenFile | None:
+        """The handle of ``fh``, forgotten; None if unknown (a RELEASE resent after a
+        takeover, whose first delivery the previous daemon handled before it died)."""
+        handle = self.files.pop(fh, None)
+        if handle is not None and self.journal is not None:
             self.journal.file_gone(fh)
         return handle
 
@@ -607,7 +609,7 @@ class Passthrough(Operations):
     def created(self, handle: OpenFile) -> None:
         """Hook: ``create`` opened a new handle (there was no await since the open)."""
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.files[fh]
         data = await self.workers.run(pread_full, handle.fd, size, offset)
         self.daemon_io["reads"] += 1
@@ -633,6 +635,8 @@ class Passthrough(Operations):
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)
+        if handle is None:
+            return
         self._closed(handle)
         await self.workers.run(os.close, handle.fd)
 
@@ -730,7 +734,9 @@ class Passthrough(Operations):
             index += len(batch)
 
     async def releasedir(self, fh: int) -> None:
-        handle = self.dirs.pop(fh)
+        handle = self.dirs.pop(fh, None)
+        if handle is None:
+            return  # resent after a takeover, handled before (see _unregister_file)
         if self.journal is not None:
             self.journal.dir_gone(fh)
         await self.workers.run(os.close, handle.fd)

@@ -148,8 +148,24 @@ def format_table(doc: dict[str, Any], bars: bool = False) -> str:
         f"{totals['fill_errors']} errors, {totals['evictions']} evictions",
         f"images   {doc['shadow']['images']} probed, {doc['shadow']['layers']} backing layers, "
         f"{doc['shadow']['problems']} with problems (see the log)",
+        _daemon_line(doc),
     ]
     return "\n".join(lines)
+
+
+def _daemon_line(doc: dict[str, Any]) -> str:
+    """Who serves: the generation, the last restart and why, and the data path."""
+    fuse = doc.get("fuse") or {}
+    path = ("kernel passthrough for plain files" if fuse.get("passthrough")
+            else f"no passthrough ({fuse.get('passthrough_off') or 'unknown'})")
+    restart = doc.get("restart")
+    if restart:
+        ago = max(0.0, time.time() - restart["time"])
+        when = (f"generation {doc['generation']}, last restart {ago:.0f} s ago: "
+                f"{restart['cause']}; counters since then")
+    else:
+        when = "generation 0 (never restarted)"
+    return f"daemon   {when}; {path}"
 
 
 def _label(value: str) -> str:
@@ -249,6 +265,35 @@ def watch(path: str, interval: float) -> int:
         return 0
 
 
+def upgrade(path: str, timeout: float) -> int:
+    """Ask the holder of a mount for a new daemon; wait until it serves."""
+    try:
+        before = read_stats(path, timeout)
+        os.setxattr(path, "user.scachefs.command", b'{"action": "upgrade"}')
+    except StatError as exc:
+        print(f"scachefs-stat: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"scachefs-stat: upgrade refused: {exc.strerror}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    deadline = started + max(timeout, 30.0)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            doc = read_stats(path, timeout)
+        except StatError:
+            continue
+        if doc.get("generation", 0) > before.get("generation", 0):
+            print(f"upgraded in {time.monotonic() - started:.2f} s: scachefs "
+                  f"{before['version']} (pid {before['pid']}) -> {doc['version']} "
+                  f"(pid {doc['pid']}), generation {doc['generation']}")
+            return 0
+    print(f"scachefs-stat: no new daemon within {deadline - started:.0f} s; see the log",
+          file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scachefs-stat",
@@ -262,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "collector)")
     mode.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                       help="refresh the table every SECONDS (default 2) until Ctrl-C")
+    mode.add_argument("--upgrade", action="store_true",
+                      help="hand the mount over to a new daemon (the scachefs code now "
+                      "installed) without interrupting the VMs; waits until it serves "
+                      "(root or the mount's owner)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT,
                         help=f"give up on an unresponsive mount after this many seconds "
                         f"(default {TIMEOUT:g})")
@@ -272,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.watch is not None:
         return watch(args.mountpoint, max(0.2, args.watch))
+    if args.upgrade:
+        return upgrade(args.mountpoint, args.timeout)
     try:
         doc = read_stats(args.mountpoint, args.timeout)
     except StatError as exc:

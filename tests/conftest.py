@@ -55,10 +55,10 @@ def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
 
     def factory(source: Path, mountpoint: Path, *options: str,
                 allow: tuple[str, ...] = (), debug: bool = False,
-                wrapper: tuple[str, ...] = ()) -> Mount:
+                wrapper: tuple[str, ...] = (), cwd: Path | None = None) -> Mount:
         log_path = tmp_path / f"scachefs-{len(mounts)}.log"
         mount = Mount(source, mountpoint, list(options), log_path, allow=allow, debug=debug,
-                      wrapper=wrapper)
+                      wrapper=wrapper, cwd=cwd)
         mounts.append(mount)
         return mount
 

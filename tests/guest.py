@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-GUEST_VERSION: int = 2  # bump to force a rebuild
+GUEST_VERSION: int = 3  # bump to force a rebuild
 CACHE_DIR = Path(os.environ.get("SCACHEFS_GUEST_CACHE", "/var/cache/scachefs-guest"))
 
 SUITE = "bookworm"
@@ -47,6 +47,13 @@ JOBS = {
     "fio-randrw": "fio --name=guest --directory=/var/tmp --size=128M --direct=1 "
                   "--ioengine=libaio --iodepth=16 --rw=randrw --bs=4k --time_based "
                   "--runtime=15 --randrepeat=0 --output-format=json",
+    # Writes 24 files of 2 MiB with fsync, then checks them: the guest's own view of
+    # its disk through whatever happens to the host meanwhile.
+    "write-files": "sh -c 'mkdir -p /var/tmp/w && for i in $(seq 1 24); do "
+                   "dd if=/dev/urandom of=/var/tmp/w/f$i bs=1M count=2 conv=fsync "
+                   "status=none; done && cd /var/tmp/w && sha256sum f* > ../sums && "
+                   "sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum -c ../sums "
+                   "&& echo WRITE-FILES-OK'",
 }
 IMAGE_BYTES = 2 << 30
 CLUSTER_SIZE = 65536

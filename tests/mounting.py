@@ -55,7 +55,7 @@ class Mount:
 
     def __init__(self, source: Path, mountpoint: Path, options: list[str],
                  log_path: Path, allow: tuple[str, ...] = (), debug: bool = False,
-                 wrapper: tuple[str, ...] = ()) -> None:
+                 wrapper: tuple[str, ...] = (), cwd: Path | None = None) -> None:
         self.source = source
         self.mountpoint = mountpoint
         self.log_path = log_path
@@ -67,8 +67,9 @@ class Mount:
         if debug:
             args.append("--debug")
         self._log = open(log_path, "ab")  # closed in unmount() or kill()
+        # cwd: where `python -m scachefs` finds the package (the repository by default)
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=cwd)
         self._daemon_pid = self.proc.pid
         self._wait_live()
 

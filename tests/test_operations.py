@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
@@ -233,14 +234,30 @@ def test_service_command_line_notifies_systemd(tmp_path: Path, store: Path, mnt:
     sock.settimeout(20)
     proc = subprocess.Popen(command.split(), env={**os.environ, "NOTIFY_SOCKET": str(sock_path)},
                             stderr=subprocess.PIPE)
+    def messages_until(word: str) -> list[str]:
+        """Datagrams up to the one holding ``word``; descriptors sent along are closed."""
+        seen = []
+        while True:
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
+            for _, _, payload in ancillary:
+                for fd in array.array("i", payload):
+                    os.close(fd)
+            seen.append(data.decode())
+            if word in seen[-1]:
+                return seen
+
     try:
-        message = sock.recv(4096).decode()
-        assert "READY=1" in message
+        before = messages_until("READY=1")
         assert mount_type(mnt) == (str(store), "fuse.scachefs")  # live when READY=1 came
+        # Before it: the holder's descriptors for the fd store (see test_restart.py).
+        assert sorted(m.split("FDNAME=")[1] for m in before if "FDSTORE=1" in m) == [
+            "scachefs-arena", "scachefs-fuse", "scachefs-root", "scachefs-state"]
         os.listdir(mnt)
         proc.send_signal(signal.SIGTERM)
-        assert "STOPPING=1" in sock.recv(4096).decode()
+        messages_until("STOPPING=1")
         assert proc.wait(timeout=20) == 0
+        after = messages_until("FDNAME=scachefs-arena")  # the fd store is emptied
+        assert all("FDSTOREREMOVE=1" in m for m in after[-4:]), after
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -261,5 +278,5 @@ def test_man_pages_render_and_cover_every_option() -> None:
         assert name in scachefs_page, f"option {name} is in --help but not in scachefs(8)"
     stat_page = subprocess.run(["man", "-l", str(REPO / "docs" / "man" / "scachefs-stat.8")],
                                env=env, capture_output=True, text=True, check=True).stdout
-    for flag in ("--json", "--prometheus", "--watch", "--timeout"):
+    for flag in ("--json", "--prometheus", "--watch", "--timeout", "--upgrade"):
         assert flag in stat_page

@@ -104,7 +104,7 @@ class Operations:
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         """Drop kernel references: (nodeid, count) pairs. Inline; never raises."""
 
-    def read_now(self, fh: int, offset: int, size: int) -> bytes | None:
+    def read_now(self, fh: int, offset: int, size: int) -> bytes | memoryview | None:
         """Answer a read from memory without awaiting, or None to call :meth:`read`."""
         return None
 
@@ -163,7 +163,7 @@ class Operations:
                      req: Request) -> tuple[Entry, Opened]:
         raise FuseError(errno.ENOSYS)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         raise FuseError(errno.ENOSYS)
 
     async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:

@@ -355,7 +355,7 @@ class Session:
                 self._slot_free.set()
 
     # --------------------------------------------------------------- replies
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: list[bytes | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as exc:
@@ -364,7 +364,7 @@ class Session:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("cannot write a FUSE reply: %s", exc)
 
-    def _reply(self, unique: int, payload: bytes) -> None:
+    def _reply(self, unique: int, payload: bytes | memoryview) -> None:
         self._write([abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), 0, unique),
                      payload])
 
