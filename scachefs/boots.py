@@ -76,11 +76,6 @@ def _check_private(fd: int, store_owner: int) -> None:
                       f"{stat.S_IMODE(st.st_mode):o}: only the daemon's user may write it")
 
 
-def _layer_id(layer: Layer) -> LayerId:
-    _, ino, size, mtime_ns = layer.identity
-    return LayerId(ino, size, mtime_ns)
-
-
 def _digests(chunks: list[tuple[int, bytes | None]], fd: int, chunk_size: int) -> dict[int, int]:
     """xxh3 of each chunk: from memory when resident, else read from the store (blocking)."""
     out = {}
@@ -105,15 +100,31 @@ class Boots:
 
     # ------------------------------------------------------------ attachment
     async def attach(self, layer: Layer) -> None:
-        """A layer was just attached to the cache: load its traces."""
+        """A layer was just attached to the cache: fingerprint it and load its traces."""
         try:
             if self.store is None:
                 layer.trace_status = "off"
                 return
             store = self.store
-            ino = layer.identity[1]
+            _, ino, size, mtime_ns = layer.identity
+            layer.fills += 1  # keeps layer.fd open (and its number ours) while we read it
             try:
-                files, rejected = await self.workers.run(store.load, ino)
+                started = time.monotonic()
+                fp = await self.workers.run(traces.fingerprint, layer.fd, size)
+            except OSError as exc:
+                log.warning("boot traces off for %s: cannot read it to fingerprint it: %s",
+                            layer.path, exc.strerror or exc)
+                layer.trace_status = "off"
+                return
+            finally:
+                layer.fills -= 1
+                layer.release_fd()
+            layer.trace_id = LayerId(fp, size, mtime_ns)
+            log.debug("layer %s has fingerprint %s (%.1f ms)", layer.path, fp.hex(),
+                      (time.monotonic() - started) * 1000)
+            try:
+                files, rejected = await self.workers.run(store.load, layer.trace_id,
+                                                         layer.path, ino)
             except OSError as exc:  # e.g. the trace directory cannot be listed
                 log.warning("cannot read the boot traces of %s: %s", layer.path,
                             exc.strerror or exc)
@@ -129,7 +140,10 @@ class Boots:
             layer.loaded.set()
 
     def _merge(self, layer: Layer) -> None:
-        ws = traces.merge(layer.trace_files, _layer_id(layer), self.cache.chunk_size)
+        if layer.trace_id is None:
+            layer.trace, layer.trace_status = None, "off"
+            return
+        ws = traces.merge(layer.trace_files, layer.trace_id, self.cache.chunk_size)
         layer.trace = ws
         if ws is None:
             layer.trace_status = "none"
@@ -212,7 +226,7 @@ class Boots:
 
     async def _save(self, layer: Layer, session: BootSession) -> None:
         store = self.store
-        if store is None or layer.fd < 0:
+        if store is None or layer.fd < 0 or layer.trace_id is None:
             return
         cs = self.cache.chunk_size
         chunks = [(c, self.cache.peek(layer.buffer, c)) for c in session.first_ms]
@@ -226,11 +240,14 @@ class Boots:
             boot = Boot(session.started_wall, session.duration_ms, session.requests,
                         session.bytes, [(c, ms, digests[c]) for c, ms in
                                         session.first_ms.items()])
-            layer_id = _layer_id(layer)
-            mine = [f for f in layer.trace_files if f.host == store.host and f.layer == layer_id]
+            layer_id = layer.trace_id
+            # This host's earlier boots of the layer as it is now; boots of another
+            # version (the layer changed, or a stale trace) are not carried over.
+            mine = [f for f in layer.trace_files
+                    if f.host == store.host and f.layer.same_version(layer_id)]
             previous = mine[0].boots if mine else []
             trace = TraceFile(layer_id, cs, store.host,
-                              [*previous, boot][-traces.MAX_BOOTS_PER_FILE:])
+                              [*previous, boot][-traces.MAX_BOOTS_PER_FILE:], layer.path)
             name = await self.workers.run(store.save, trace)
         except (OSError, traces.TraceError) as exc:
             log.warning("could not save the boot trace of %s: %s", layer.path, exc)
@@ -250,7 +267,8 @@ class Boots:
     def stats(layer: Layer) -> dict[str, Any]:
         ws = layer.trace
         trace: dict[str, Any] = {"status": layer.trace_status,
-                                 "recording": layer.session is not None}
+                                 "recording": layer.session is not None,
+                                 "fingerprint": layer.trace_id.hex if layer.trace_id else None}
         if ws is not None:
             trace.update(boots=ws.boots, hosts=ws.hosts, chunks=len(ws.chunks), bytes=ws.bytes)
         return {"trace": trace,

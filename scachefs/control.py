@@ -79,6 +79,9 @@ def stats_document(fs: ScacheFS) -> dict[str, Any]:
         "pid": os.getpid(),
         "source": fs.source,
         "mountpoint": fs.mountpoint,
+        "allow_other": fs.options.allow_other,
+        "trace_dir": (fs.options.trace_dir or os.path.join(fs.source, ".scache", "traces"))
+        if fs.boots.store is not None else None,
         "uptime_seconds": round(time.time() - fs.started, 3),
         "fds": {"in_use": fs.fds_in_use(), "limit": fs.fd_limit},
         "cache": {"budget_bytes": cache.budget_bytes, "used_bytes": cache.used_bytes,
