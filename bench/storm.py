@@ -52,7 +52,9 @@ MiB = 1 << 20
 PROFILES = {"nas": (50 * MiB, 200), "ssd": (0, 0)}
 MODES = ("direct-none", "direct-pagecache", "direct-pagecache-warm", "scachefs-cold",
          "scachefs-prefetch", "scachefs-warm")
-CGROUP = Path("/sys/fs/cgroup/blkio/scachefs-storm")
+# One cgroup per run (runs at the same time must not share limits), removed at the end.
+CGROUP = Path(f"/sys/fs/cgroup/blkio/scachefs-storm-{os.getpid()}")
+LEGACY_CGROUP = Path("/sys/fs/cgroup/blkio/scachefs-storm")  # left by earlier versions
 TRACE_LINE = re.compile(r"@(\d+\.\d+):blk_co_p(read|write)v blk \S+ bs \S+ offset (\d+) "
                         r"bytes (\d+)")
 
@@ -198,6 +200,31 @@ class Throttle:
 
     def add(self, pid: int) -> None:
         self.procs.write_text(f"{pid}\n")
+
+
+def remove_cgroup() -> None:
+    """Remove the run's blkio cgroup (moving anything left in it back to the root)."""
+    with contextlib.suppress(OSError):
+        LEGACY_CGROUP.rmdir()  # only if empty: never touches a process
+    if not CGROUP.exists():
+        return
+    root = CGROUP.parent / "cgroup.procs"
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError):
+            for pid in (CGROUP / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    root.write_text(f"{pid}\n")
+        try:
+            CGROUP.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                print(f"cannot remove {CGROUP}: {exc}", file=sys.stderr)
+                return
+            time.sleep(0.1)
 
 
 def drop_caches() -> None:
@@ -672,6 +699,7 @@ def main() -> int:
                         print(f" {vm_row['makespan_s']} s, per VM {vm_row['vm_seconds']}",
                               flush=True)
         summary = {"profile": args.profile, "chunk_size": args.chunk_size,
+                   "cgroup": str(CGROUP),
                    "workload": workload.source,
                    "requests": len(workload.requests), "working_set_bytes": ws.bytes,
                    "working_set_extents": extents, "floor_s": floor,
@@ -703,6 +731,7 @@ def main() -> int:
     finally:
         subprocess.run(["fusermount3", "-uz", str(work / "mnt")], check=False,
                        capture_output=True)
+        remove_cgroup()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

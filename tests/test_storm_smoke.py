@@ -35,3 +35,6 @@ def test_storm_smoke(tmp_path: Path) -> None:
     for mode in ("scachefs-cold", "scachefs-prefetch", "scachefs-warm"):
         assert 0 < rows[mode]["rss_minus_cached_mib"] < 256
     assert doc["targets"] and doc["working_set_bytes"] > 0
+    # The benchmark removes the blkio cgroup it made to throttle the store.
+    assert doc["cgroup"].startswith("/sys/fs/cgroup/blkio/scachefs-storm")
+    assert not Path(doc["cgroup"]).exists()
