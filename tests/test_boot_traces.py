@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import time
@@ -265,3 +266,47 @@ def test_prefetch_at_mount_and_the_budget(store: Path, mnt: Path,
     assert layer["prefetch"]["stopped_at_budget"]
     assert stats(mnt)["cache"]["used_bytes"] <= 4 * MiB
     assert "stopped at the cache budget" in small.log()
+
+
+def test_format_1_traces_are_migrated_once_and_still_prefetch(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    base = make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=old")
+    directory = store / ".scache" / "traces"
+    (v2,) = directory.iterdir()
+    recorded_trace = trace_format.decode(v2.read_bytes())
+    # The same boots as scachefs wrote them before fingerprints: keyed by inode number.
+    st = base.stat()
+    from tests.test_traces import encode_v1
+    v1 = directory / f"ino-{st.st_ino}.old.trace"
+    v1.write_bytes(encode_v1(st.st_ino, st.st_size, recorded_trace.layer.mtime_ns, "old",
+                             recorded_trace.boots, recorded_trace.chunk_size))
+    v2.unlink()
+    mount = mount_factory(store, mnt, "allow_other", "host_id=new")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script())
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["trace"]["status"] == "ready" and not layer["trace"]["recording"]
+    assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
+    assert sorted(p.name for p in directory.iterdir()) == [trace_file_name(base, "old")]
+    migrated = trace_format.decode((directory / trace_file_name(base, "old")).read_bytes())
+    assert migrated.boots == recorded_trace.boots and migrated.host == "old"
+    assert migrated.path == "base.qcow2"
+    assert "migrated trace file" in mount.log()
+
+
+def test_a_base_copied_to_a_new_name_finds_its_traces(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=h1")
+    (store / "bases").mkdir()
+    shutil.copyfile(store / "base.qcow2", store / "bases" / "copy.qcow2")  # new inode, mtime
+    (store / "base.qcow2").unlink()
+    mount_factory(store, mnt, "allow_other", "host_id=h1")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "bases/copy.qcow2", "-F", "qcow2",
+        store / "vm2.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script())
+    layer = wait_for(mnt, "bases/copy.qcow2", lambda la: prefetched(la) and recorded(la))
+    assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
+    # Recorded on another mtime: the copy's first boot was prefetched and recorded once.
+    assert layer["trace"]["status"] == "ready"
