@@ -673,7 +673,8 @@ def wait_ns_trace(daemon: Any, timeout: float = 60) -> dict[str, Any]:
         layer: dict[str, Any] = next((la for la in daemon.stats()["layers"]
                                       if la["path"] == "base.qcow2"), {})
         trace = layer.get("trace") or {}
-        busy = trace.get("recording") or (layer.get("prefetch") or {}).get("running")
+        busy = (trace.get("recording") or trace.get("status") == "recording"  # saving
+                or (layer.get("prefetch") or {}).get("running"))
         if not busy or time.monotonic() > deadline:
             return layer
         time.sleep(0.1)

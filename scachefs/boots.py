@@ -105,43 +105,66 @@ class Boots:
             if self.store is None:
                 layer.trace_status = "off"
                 return
-            store = self.store
-            _, ino, size, mtime_ns = layer.identity
-            layer.fills += 1  # keeps layer.fd open (and its number ours) while we read it
-            try:
-                started = time.monotonic()
-                fp = await self.workers.run(traces.fingerprint, layer.fd, size)
-            except OSError as exc:
-                log.warning("boot traces off for %s: cannot read it to fingerprint it: %s",
-                            layer.path, exc.strerror or exc)
-                layer.trace_status = "off"
-                return
-            finally:
-                layer.fills -= 1
-                layer.release_fd()
-            layer.trace_id = LayerId(fp, size, mtime_ns)
-            log.debug("layer %s has fingerprint %s (%.1f ms)", layer.path, fp.hex(),
-                      (time.monotonic() - started) * 1000)
-            try:
-                files, rejected = await self.workers.run(store.load, layer.trace_id,
-                                                         layer.path, ino)
-            except OSError as exc:  # e.g. the trace directory cannot be listed
-                log.warning("cannot read the boot traces of %s: %s", layer.path,
-                            exc.strerror or exc)
-                files, rejected = [], []
-            for name, reason in rejected:
-                log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
-            layer.trace_files = files
-            self._merge(layer)
-            record = self.options.record
-            current = layer.trace is not None and layer.trace.current
-            layer.should_record = record == "on" or (record == "auto" and not current)
+            await self._identify(layer)
         finally:
             layer.loaded.set()
 
+    async def _identify(self, layer: Layer) -> bool:
+        """Fingerprint the layer and load its traces; False if the store refused the reads.
+
+        The fingerprint is read from the store (in a worker thread) once per attach;
+        if that fails (a store error), traces are off for the layer until one of its
+        next opens tries again.
+        """
+        store = self.store
+        assert store is not None
+        _, ino, size, mtime_ns = layer.identity
+        layer.fills += 1  # keeps layer.fd open (and its number ours) while we read it
+        try:
+            started = time.monotonic()
+            fp = await self.workers.run(traces.fingerprint, layer.fd, size)
+        except OSError as exc:
+            log.warning("boot traces of %s off for now: cannot read it to fingerprint it: "
+                        "%s (tried again at its next open)", layer.path, exc.strerror or exc)
+            layer.trace_status = "error"
+            return False
+        finally:
+            layer.fills -= 1
+            layer.release_fd()
+        layer.trace_id = LayerId(fp, size, mtime_ns)
+        log.debug("layer %s has fingerprint %s (%.1f ms)", layer.path, fp.hex(),
+                  (time.monotonic() - started) * 1000)
+        try:
+            files, rejected = await self.workers.run(store.load, layer.trace_id, layer.path,
+                                                     ino)
+        except OSError as exc:  # e.g. the trace directory cannot be listed
+            log.warning("cannot read the boot traces of %s: %s", layer.path,
+                        exc.strerror or exc)
+            files, rejected = [], []
+        for name, reason in rejected:
+            log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
+        layer.trace_files = files
+        self._merge(layer)
+        record = self.options.record
+        current = layer.trace is not None and layer.trace.current
+        layer.should_record = record == "on" or (record == "auto" and not current)
+        return True
+
+    async def _identify_again(self, layer: Layer) -> None:
+        """Retry a failed fingerprint at a later open; prefetch then if it is a first boot."""
+        layer.identifying = True
+        try:
+            if await self._identify(layer) and layer.active and layer.progress is None \
+                    and self.options.prefetch != "off":
+                self.start_prefetch(layer, "first boot")
+        finally:
+            layer.identifying = False
+
     def _merge(self, layer: Layer) -> None:
         if layer.trace_id is None:
-            layer.trace, layer.trace_status = None, "off"
+            layer.trace = None
+            if layer.trace_status != "error":
+                layer.trace_status = "off"
             return
         ws = traces.merge(layer.trace_files, layer.trace_id, self.cache.chunk_size)
         layer.trace = ws
@@ -185,6 +208,9 @@ class Boots:
     # ------------------------------------------------------------- sessions
     def opened(self, layer: Layer, handle: object) -> None:
         """A read-only handle of the layer was opened: maybe it is a boot to record."""
+        if (layer.trace_status == "error" and not layer.identifying
+                and self.nursery is not None):
+            self.nursery.start_soon(self._identify_again, layer)
         if layer.handles == 1 and layer.trace is not None and not (
                 layer.progress and layer.progress.running):
             self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again

@@ -43,6 +43,7 @@ class Layer:
     active: bool = True  # False once dropped: handles then read the store directly
     # Boot traces (see boots.py).
     trace_id: LayerId | None = None  # the host-independent identity traces are keyed by
+    identifying: bool = False  # a retry of a failed fingerprint read is running
     loaded: trio.Event = dataclasses.field(default_factory=trio.Event)
     trace_files: list[TraceFile] = dataclasses.field(default_factory=list)
     trace: WorkingSet | None = None

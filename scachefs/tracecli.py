@@ -338,7 +338,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
                                                       if pf["stopped_at_budget"] else ""))
                 return 0 if not pf.get("error") else 1
         elif not seen and layer is not None and (layer.get("trace") or {}).get("status") in (
-                "none", "off"):
+                "none", "off", "error"):
             print(f"scachefs-trace: {args.layer} has no trace to warm from", file=sys.stderr)
             return 1
         elif layer is None and time.monotonic() - start > 5:
