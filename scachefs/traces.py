@@ -99,12 +99,17 @@ class LayerId:
     def same_version(self, other: LayerId) -> bool:
         """Same bytes as far as every host can tell: fingerprint, size and mtime.
 
-        mtime is compared in whole seconds: sshfs (SFTP) reports only seconds,
-        NFS, GlusterFS, CephFS and local file systems nanoseconds of the same value.
+        mtimes are compared to the nanosecond when both have a fraction of a second,
+        else in whole seconds: sshfs (SFTP) reports only seconds, NFS, GlusterFS,
+        CephFS and local file systems nanoseconds of the same value.
         """
-        return (bool(self.fingerprint) and self.fingerprint == other.fingerprint
-                and self.size == other.size
-                and self.mtime_ns // 1_000_000_000 == other.mtime_ns // 1_000_000_000)
+        if not self.fingerprint or self.fingerprint != other.fingerprint \
+                or self.size != other.size:
+            return False
+        a, b = self.mtime_ns, other.mtime_ns
+        if a % 1_000_000_000 and b % 1_000_000_000:
+            return a == b
+        return a // 1_000_000_000 == b // 1_000_000_000
 
 
 @dataclasses.dataclass

@@ -1013,11 +1013,15 @@ def test_fingerprint_covers_a_qcow2_l1_table(tmp_path: Path) -> None:
     assert fingerprint_of(a) != before
 
 
-def test_same_version_compares_mtime_in_seconds() -> None:
+def test_same_version_compares_mtime_to_the_precision_both_sides_have() -> None:
     ns = LAYER.mtime_ns
     sshfs_view = LayerId(LAYER.fingerprint, LAYER.size, ns // 10**9 * 10**9)
     assert LAYER.same_version(sshfs_view) and sshfs_view.same_version(LAYER)
     assert not LAYER.same_version(LayerId(LAYER.fingerprint, LAYER.size, ns + 10**9))
+    # both precise: a rewrite within the same second is another version
+    assert not LAYER.same_version(LayerId(LAYER.fingerprint, LAYER.size, ns + 1))
+    assert not sshfs_view.same_version(
+        LayerId(LAYER.fingerprint, LAYER.size, sshfs_view.mtime_ns + 10**9))
     assert not LAYER.same_version(LayerId(fp(8), LAYER.size, ns))
     assert not LAYER.same_version(LayerId(LAYER.fingerprint, LAYER.size + 1, ns))
     assert not LayerId(b"", 1, 0).same_version(LayerId(b"", 1, 0))  # format 1: no key
