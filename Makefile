@@ -8,7 +8,9 @@ PY := $(VENV)/bin/python
 # What the daemon, the demo and the tests need from Debian.
 APT_PACKAGES := fuse3 gcc python3-dev python3-venv \
 	qemu-utils qemu-system-x86 fio strace tmux util-linux e2fsprogs procps \
-	attr systemd man-db groff-base debootstrap busybox-static debian-archive-keyring
+	attr systemd man-db groff-base debootstrap busybox-static debian-archive-keyring \
+	iproute2 sshfs openssh-server openssh-client glusterfs-server glusterfs-client \
+	libvirt-daemon-system libvirt-clients
 # Where setup puts the commands and the mount(8) helper (as root).
 BINDIR := /usr/local/bin
 SBINDIR := /sbin
@@ -27,7 +29,11 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  policy=/usr/sbin/policy-rc.d; made=""; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made=1; fi; \
+	  trap 'if [ -n "$$made" ]; then rm -f $$policy; fi' EXIT; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $$missing; \
 	fi
 
 venv: $(VENV)/.installed

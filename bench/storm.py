@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -52,7 +53,10 @@ MiB = 1 << 20
 PROFILES = {"nas": (50 * MiB, 200), "ssd": (0, 0)}
 MODES = ("direct-none", "direct-pagecache", "direct-pagecache-warm", "scachefs-cold",
          "scachefs-prefetch", "scachefs-warm")
-CGROUP = Path("/sys/fs/cgroup/blkio/scachefs-storm")
+# One cgroup per run (runs at the same time must not share limits), removed at the end.
+CGROUP = Path(f"/sys/fs/cgroup/blkio/scachefs-storm-{os.getpid()}")
+LEGACY_CGROUP = Path("/sys/fs/cgroup/blkio/scachefs-storm")  # left by earlier versions
+DEFAULT_JSON = REPO / "bench" / "results" / "storm.json"
 TRACE_LINE = re.compile(r"@(\d+\.\d+):blk_co_p(read|write)v blk \S+ bs \S+ offset (\d+) "
                         r"bytes (\d+)")
 
@@ -198,6 +202,31 @@ class Throttle:
 
     def add(self, pid: int) -> None:
         self.procs.write_text(f"{pid}\n")
+
+
+def remove_cgroup() -> None:
+    """Remove the run's blkio cgroup (moving anything left in it back to the root)."""
+    with contextlib.suppress(OSError):
+        LEGACY_CGROUP.rmdir()  # only if empty: never touches a process
+    if not CGROUP.exists():
+        return
+    root = CGROUP.parent / "cgroup.procs"
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError):
+            for pid in (CGROUP / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    root.write_text(f"{pid}\n")
+        try:
+            CGROUP.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                print(f"cannot remove {CGROUP}: {exc}", file=sys.stderr)
+                return
+            time.sleep(0.1)
 
 
 def drop_caches() -> None:
@@ -502,6 +531,219 @@ class Bench:
         return row
 
 
+# ------------------------------------------------------------------ multi-host
+@dataclass
+class HostRun:
+    """One host's storm in the multi-host mode."""
+
+    phase: str
+    host: str
+    vms: int
+    makespan: float = 0.0
+    wire_bytes: int = 0  # what the store host sent to this host (its veth)
+    daemon_store_bytes: int | None = None  # what scachefs read through its network mount
+    daemon_store_reads: int | None = None  # in how many requests
+    prefetch_s: float | None = None  # how long the prefetch of the working set took
+    prefetched: bool | None = None
+    recorded: bool | None = None
+
+    def row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"makespan_s": round(self.makespan, 3)}
+
+
+class MultiHost:
+    """H compute hosts (network namespaces) mounting the store over sshfs from a store host.
+
+    The store host's sshd (and so every sftp-server it forks) reads the loop device in
+    the throttled cgroup; each host runs scachefs over its sshfs mount.
+    """
+
+    def __init__(self, bench: Bench, hosts: int, vms: int) -> None:
+        from tests import netns
+
+        self.netns = netns
+        self.bench = bench
+        self.vms = vms
+        self.work = bench.work / "multihost"
+        self.work.mkdir()
+        self.net = netns.Network("storm")
+        try:
+            self.ssh = netns.SshStore(self.net, bench.store.root, self.work / "ssh")
+            bench.throttle.add(self.ssh.proc.pid)  # sftp-servers are forked later: inherit
+            self.hosts = []
+            for i in range(hosts):
+                host = self.net.add_host(f"h{i + 1}")
+                self.ssh.mount(host, self.work / host.name / "store")
+                (self.work / host.name / "mnt").mkdir()
+                self.hosts.append(host)
+        except BaseException:
+            self.close()
+            raise
+
+    def net_mnt(self, host: Any) -> Path:
+        return self.work / host.name / "store"
+
+    def mnt(self, host: Any) -> Path:
+        return self.work / host.name / "mnt"
+
+    def close(self) -> None:
+        for host in getattr(self, "hosts", []):
+            self.ssh.unmount(host, self.net_mnt(host))
+        if hasattr(self, "ssh"):
+            self.ssh.close()
+        self.net.close()
+
+    def storm(self, phase: str, hosts: list[Any], options: str | None) -> list[HostRun]:
+        """M VMs on each of ``hosts`` at once; scachefs with ``options``, or none (None)."""
+        drop_caches()
+        runs = {h.name: HostRun(phase, h.name, self.vms) for h in hosts}
+        daemons: dict[str, Any] = {}
+        roots = {}
+        try:
+            for host in hosts:
+                for i in range(self.vms):  # on the network mount: no scachefs open yet
+                    name = f"{host.name}-vm{i}.qcow2"
+                    # through the host's own mount: sshfs caches what it has seen
+                    host.run("rm", "-f", self.net_mnt(host) / name)
+                    host.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2",
+                             "-F", "qcow2", self.net_mnt(host) / name)
+            # Everything the daemon reads counts: its scan, fingerprint, prefetch, misses.
+            before = {h.name: self.net.sent_to(h) for h in hosts}
+            for host in hosts:
+                if options is None:
+                    roots[host.name] = self.net_mnt(host)
+                else:
+                    daemons[host.name] = self.netns.NsMount(
+                        host, self.net_mnt(host), self.mnt(host),
+                        [f"host_id={host.name}", "allow_other", "cache_size=2G",
+                         f"chunk_size={self.bench.chunk_size}", *options.split(",")],
+                        self.work / f"scachefs-{phase}-{host.name}.log")
+                    roots[host.name] = self.mnt(host)
+            if options is not None and "prefetch=mount" in options:
+                for host in hosts:  # warm before the storm, as a scheduler would
+                    wait_ns_prefetch(daemons[host.name])
+            procs = []
+            t0 = time.monotonic()
+            for host in hosts:
+                for i in range(self.vms):
+                    cmd = self.bench._replay_cmd(roots[host.name] / f"{host.name}-vm{i}.qcow2",
+                                                 "none", False, i)
+                    procs.append((host.name, host.popen(*cmd, stdout=subprocess.DEVNULL,
+                                                        stderr=subprocess.PIPE)))
+            for name, proc in procs:
+                _, err = proc.communicate()
+                if proc.returncode != 0:
+                    sys.exit(f"{phase}: a replay on {name} failed: {err.decode()[-500:]}")
+                runs[name].makespan = time.monotonic() - t0
+            for host in hosts:
+                daemon = daemons.get(host.name)
+                if daemon is not None:
+                    layer = wait_ns_trace(daemon)
+                    runs[host.name].daemon_store_bytes = layer["store_bytes"]
+                    runs[host.name].daemon_store_reads = layer["store_reads"]
+                    if layer.get("prefetch"):
+                        runs[host.name].prefetch_s = layer["prefetch"]["seconds"]
+                    runs[host.name].prefetched = bool(layer.get("prefetch"))
+                    runs[host.name].recorded = (layer["trace"]["status"] == "ready"
+                                                and options is not None
+                                                and "record=off" not in options
+                                                and not layer.get("prefetch"))
+                runs[host.name].wire_bytes = self.net.sent_to(host) - before[host.name]
+        finally:
+            for daemon in daemons.values():
+                daemon.unmount()
+        return list(runs.values())
+
+
+def wait_ns_prefetch(daemon: Any, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        layer: dict[str, Any] = next((la for la in daemon.stats()["layers"]
+                                      if la["path"] == "base.qcow2"), {})
+        if layer.get("prefetch") and not layer["prefetch"]["running"]:
+            return layer
+        time.sleep(0.1)
+    sys.exit("the prefetch did not finish")
+
+
+def wait_ns_trace(daemon: Any, timeout: float = 60) -> dict[str, Any]:
+    """The base's stats once no boot is being recorded and no prefetch runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        layer: dict[str, Any] = next((la for la in daemon.stats()["layers"]
+                                      if la["path"] == "base.qcow2"), {})
+        trace = layer.get("trace") or {}
+        busy = (trace.get("recording") or trace.get("status") == "recording"  # saving
+                or (layer.get("prefetch") or {}).get("running"))
+        if not busy or time.monotonic() > deadline:
+            return layer
+        time.sleep(0.1)
+
+
+def run_multihost(bench: Bench, hosts: int, vms: int) -> dict[str, Any]:
+    """Store bytes per host for H hosts x M VMs, and the second host's first storm."""
+    mh = MultiHost(bench, hosts, vms)
+    rows: list[HostRun] = []
+    try:
+        first, second = mh.hosts[0], mh.hosts[1]
+        traces_dir = bench.store.root / ".scache" / "traces"
+        shutil.rmtree(traces_dir, ignore_errors=True)  # the single-host recording: not ours
+
+        def phase(name: str, hosts_: list[Any], options: str | None) -> list[HostRun]:
+            print(f"  multi-host {name} ...", end="", flush=True)
+            out = mh.storm(name, hosts_, options)
+            rows.extend(out)
+            print(" " + ", ".join(f"{r.host} {r.makespan:.2f} s {r.wire_bytes / MiB:.1f} MiB"
+                                  for r in out), flush=True)
+            return out
+
+        phase("direct-sshfs", [first], None)  # no scachefs: every VM reads the store
+        phase("first-host-cold", [first], "record=auto,prefetch=open")
+        phase("second-host-no-trace", [second], "record=off,prefetch=off")
+        phase("second-host-trace", [second], "record=off,prefetch=open")
+        phase("other-hosts-trace", mh.hosts[1:], "record=off,prefetch=open")
+    finally:
+        mh.close()
+    by = {(r.phase, r.host): r for r in rows}
+    cold = by[("first-host-cold", first.name)]
+    scale = [cold, *(r for r in rows if r.phase == "other-hosts-trace")]
+    direct = by[("direct-sshfs", first.name)]
+    return {"hosts": hosts, "vms_per_host": vms, "rows": [r.row() for r in rows],
+            "scale_out": {"per_host_wire_bytes": {r.host: r.wire_bytes for r in scale},
+                          "total_wire_bytes": sum(r.wire_bytes for r in scale),
+                          "direct_one_host_wire_bytes": direct.wire_bytes},
+            "second_host_first_storm": {
+                "with_trace_s": round(by[("second-host-trace", second.name)].makespan, 3),
+                "without_trace_s": round(by[("second-host-no-trace", second.name)].makespan,
+                                         3),
+                "with_trace_wire_bytes": by[("second-host-trace", second.name)].wire_bytes,
+                "without_trace_wire_bytes":
+                    by[("second-host-no-trace", second.name)].wire_bytes}}
+
+
+def multihost_table(doc: dict[str, Any], unique: int) -> str:
+    lines = [f"{'phase':<22}{'host':>5}{'VMs':>5}{'makespan':>10}{'wire MiB':>10}"
+             f"{'x ws':>7}{'daemon MiB':>12}{'reqs':>6}{'prefetch s':>11}"]
+    for r in doc["rows"]:
+        daemon = "-" if r["daemon_store_bytes"] is None else \
+            f"{r['daemon_store_bytes'] / MiB:.1f}"
+        reqs = "-" if r["daemon_store_reads"] is None else str(r["daemon_store_reads"])
+        pf = "-" if r["prefetch_s"] is None else f"{r['prefetch_s']:.2f}"
+        lines.append(f"{r['phase']:<22}{r['host']:>5}{r['vms']:>5}{r['makespan_s']:>10.2f}"
+                     f"{r['wire_bytes'] / MiB:>10.1f}{r['wire_bytes'] / unique:>7.2f}"
+                     f"{daemon:>12}{reqs:>6}{pf:>11}")
+    so = doc["scale_out"]
+    h, m = doc["hosts"], doc["vms_per_host"]
+    lines.append(f"\n{h} hosts x {m} VMs: {so['total_wire_bytes'] / MiB:.1f} MiB over the wire "
+                 f"= {so['total_wire_bytes'] / unique:.2f}x the working set "
+                 f"(H = {h}; without scachefs ~{h * so['direct_one_host_wire_bytes'] / MiB:.0f} "
+                 f"MiB, {h * so['direct_one_host_wire_bytes'] / unique:.1f}x)")
+    sh2 = doc["second_host_first_storm"]
+    lines.append(f"second host's first storm: {sh2['with_trace_s']:.2f} s with the first "
+                 f"host's trace, {sh2['without_trace_s']:.2f} s without")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------- report
 def table(rows: list[dict[str, Any]], floor: float | None) -> str:
     by_key = {(r["mode"], r["n"], r["stagger_s"]): r for r in rows}
@@ -607,9 +849,14 @@ def main() -> int:
     parser.add_argument("--vms", type=int, default=0, metavar="N",
                         help="also boot N real TCG guests at once (direct-pagecache and "
                         "scachefs-prefetch, with 512 MiB and 4 GiB of guest RAM)")
+    parser.add_argument("--hosts", type=int, default=0, metavar="H",
+                        help="instead: the scale-out mode, H compute hosts (network "
+                        "namespaces) with the store behind sshfs in a store namespace")
+    parser.add_argument("--vms-per-host", type=int, default=4, metavar="M",
+                        help="VMs per host in the scale-out mode (default 4)")
     parser.add_argument("--chunk-size", default="16K",
                         help="scachefs chunk_size option (default: scachefs's default)")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "storm.json")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "storm.png")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -621,6 +868,10 @@ def main() -> int:
     if unknown:
         sys.exit(f"unknown modes: {', '.join(sorted(unknown))}")
     sizes = [2] if args.smoke else [int(x) for x in args.n.split(",")]
+    if args.hosts:
+        if args.hosts < 2:
+            sys.exit("--hosts needs at least 2 hosts")
+        sizes = [args.hosts * args.vms_per_host]
     work = Path(tempfile.mkdtemp(prefix="scachefs-storm-", dir="/var/tmp"))
     log = work / "scachefs.log"
     rows: list[dict[str, Any]] = []
@@ -639,6 +890,21 @@ def main() -> int:
             extents = len(traces.plan_runs(ws.chunks, ws.chunk_size,
                                            (store.root / "base.qcow2").stat().st_size))
             floor = max(ws.bytes / bw if bw else 0, extents / iops if iops else 0) or None
+            if args.hosts:
+                doc = run_multihost(bench, args.hosts, args.vms_per_host)
+                direct = next(r for r in doc["rows"] if r["phase"] == "direct-sshfs")
+                unique = direct["wire_bytes"] // direct["vms"]  # one VM's boot, exactly
+                doc.update(profile=args.profile, workload=workload.source,
+                           working_set_bytes=ws.bytes, unique_working_set_bytes=unique,
+                           cgroup=str(CGROUP))
+                print()
+                print(multihost_table(doc, unique))
+                out = args.json if args.json != DEFAULT_JSON else (
+                    REPO / "bench" / "results" / "storm-multihost.json")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(doc, indent=2))
+                print(f"\nJSON: {out}")
+                return 0
             layer_size = (store.root / "base.qcow2").stat().st_size
             gaps = {}
             for gap_bytes in (0, 16 << 10, 64 << 10, 128 << 10, 256 << 10):
@@ -672,6 +938,7 @@ def main() -> int:
                         print(f" {vm_row['makespan_s']} s, per VM {vm_row['vm_seconds']}",
                               flush=True)
         summary = {"profile": args.profile, "chunk_size": args.chunk_size,
+                   "cgroup": str(CGROUP),
                    "workload": workload.source,
                    "requests": len(workload.requests), "working_set_bytes": ws.bytes,
                    "working_set_extents": extents, "floor_s": floor,
@@ -703,6 +970,7 @@ def main() -> int:
     finally:
         subprocess.run(["fusermount3", "-uz", str(work / "mnt")], check=False,
                        capture_output=True)
+        remove_cgroup()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

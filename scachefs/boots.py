@@ -76,11 +76,6 @@ def _check_private(fd: int, store_owner: int) -> None:
                       f"{stat.S_IMODE(st.st_mode):o}: only the daemon's user may write it")
 
 
-def _layer_id(layer: Layer) -> LayerId:
-    _, ino, size, mtime_ns = layer.identity
-    return LayerId(ino, size, mtime_ns)
-
-
 def _copy(data: bytes | memoryview | None) -> bytes | None:
     return None if data is None else bytes(data)
 
@@ -109,31 +104,73 @@ class Boots:
 
     # ------------------------------------------------------------ attachment
     async def attach(self, layer: Layer) -> None:
-        """A layer was just attached to the cache: load its traces."""
+        """A layer was just attached to the cache: fingerprint it and load its traces."""
         try:
             if self.store is None:
                 layer.trace_status = "off"
                 return
-            store = self.store
-            ino = layer.identity[1]
-            try:
-                files, rejected = await self.workers.run(store.load, ino)
-            except OSError as exc:  # e.g. the trace directory cannot be listed
-                log.warning("cannot read the boot traces of %s: %s", layer.path,
-                            exc.strerror or exc)
-                files, rejected = [], []
-            for name, reason in rejected:
-                log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
-            layer.trace_files = files
-            self._merge(layer)
-            record = self.options.record
-            current = layer.trace is not None and layer.trace.current
-            layer.should_record = record == "on" or (record == "auto" and not current)
+            await self._identify(layer)
         finally:
             layer.loaded.set()
 
+    async def _identify(self, layer: Layer) -> bool:
+        """Fingerprint the layer and load its traces; False if the store refused the reads.
+
+        The fingerprint is read from the store (in a worker thread) once per attach;
+        if that fails (a store error), traces are off for the layer until one of its
+        next opens tries again.
+        """
+        store = self.store
+        assert store is not None
+        _, ino, size, mtime_ns = layer.identity
+        layer.fills += 1  # keeps layer.fd open (and its number ours) while we read it
+        try:
+            started = time.monotonic()
+            fp = await self.workers.run(traces.fingerprint, layer.fd, size)
+        except OSError as exc:
+            log.warning("boot traces of %s off for now: cannot read it to fingerprint it: "
+                        "%s (tried again at its next open)", layer.path, exc.strerror or exc)
+            layer.trace_status = "error"
+            return False
+        finally:
+            layer.fills -= 1
+            layer.release_fd()
+        layer.trace_id = LayerId(fp, size, mtime_ns)
+        log.debug("layer %s has fingerprint %s (%.1f ms)", layer.path, fp.hex(),
+                  (time.monotonic() - started) * 1000)
+        try:
+            files, rejected = await self.workers.run(store.load, layer.trace_id, layer.path,
+                                                     ino)
+        except OSError as exc:  # e.g. the trace directory cannot be listed
+            log.warning("cannot read the boot traces of %s: %s", layer.path,
+                        exc.strerror or exc)
+            files, rejected = [], []
+        for name, reason in rejected:
+            log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
+        layer.trace_files = files
+        self._merge(layer)
+        record = self.options.record
+        current = layer.trace is not None and layer.trace.current
+        layer.should_record = record == "on" or (record == "auto" and not current)
+        return True
+
+    async def _identify_again(self, layer: Layer) -> None:
+        """Retry a failed fingerprint at a later open; prefetch then if it is a first boot."""
+        layer.identifying = True
+        try:
+            if await self._identify(layer) and layer.active and layer.progress is None \
+                    and self.options.prefetch != "off":
+                self.start_prefetch(layer, "first boot")
+        finally:
+            layer.identifying = False
+
     def _merge(self, layer: Layer) -> None:
-        ws = traces.merge(layer.trace_files, _layer_id(layer), self.cache.chunk_size)
+        if layer.trace_id is None:
+            layer.trace = None
+            if layer.trace_status != "error":
+                layer.trace_status = "off"
+            return
+        ws = traces.merge(layer.trace_files, layer.trace_id, self.cache.chunk_size)
         layer.trace = ws
         if ws is None:
             layer.trace_status = "none"
@@ -175,6 +212,9 @@ class Boots:
     # ------------------------------------------------------------- sessions
     def opened(self, layer: Layer, handle: object) -> None:
         """A read-only handle of the layer was opened: maybe it is a boot to record."""
+        if (layer.trace_status == "error" and not layer.identifying
+                and self.nursery is not None):
+            self.nursery.start_soon(self._identify_again, layer)
         if layer.handles == 1 and layer.trace is not None and not (
                 layer.progress and layer.progress.running):
             self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again
@@ -216,7 +256,7 @@ class Boots:
 
     async def _save(self, layer: Layer, session: BootSession) -> None:
         store = self.store
-        if store is None or layer.fd < 0:
+        if store is None or layer.fd < 0 or layer.trace_id is None:
             return
         cs = self.cache.chunk_size
         # Copies: the digests are taken in a worker while the cache goes on changing.
@@ -231,11 +271,14 @@ class Boots:
             boot = Boot(session.started_wall, session.duration_ms, session.requests,
                         session.bytes, [(c, ms, digests[c]) for c, ms in
                                         session.first_ms.items()])
-            layer_id = _layer_id(layer)
-            mine = [f for f in layer.trace_files if f.host == store.host and f.layer == layer_id]
+            layer_id = layer.trace_id
+            # This host's earlier boots of the layer as it is now; boots of another
+            # version (the layer changed, or a stale trace) are not carried over.
+            mine = [f for f in layer.trace_files
+                    if f.host == store.host and f.layer.same_version(layer_id)]
             previous = mine[0].boots if mine else []
             trace = TraceFile(layer_id, cs, store.host,
-                              [*previous, boot][-traces.MAX_BOOTS_PER_FILE:])
+                              [*previous, boot][-traces.MAX_BOOTS_PER_FILE:], layer.path)
             name = await self.workers.run(store.save, trace)
         except (OSError, traces.TraceError) as exc:
             log.warning("could not save the boot trace of %s: %s", layer.path, exc)
@@ -255,7 +298,8 @@ class Boots:
     def stats(layer: Layer) -> dict[str, Any]:
         ws = layer.trace
         trace: dict[str, Any] = {"status": layer.trace_status,
-                                 "recording": layer.session is not None}
+                                 "recording": layer.session is not None,
+                                 "fingerprint": layer.trace_id.hex if layer.trace_id else None}
         if ws is not None:
             trace.update(boots=ws.boots, hosts=ws.hosts, chunks=len(ws.chunks), bytes=ws.bytes)
         return {"trace": trace,

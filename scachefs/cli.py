@@ -31,8 +31,8 @@ mount options (-o name[=value],...):
                        still checks every access against the store's owners and modes
                        (default_permissions is always on)
   ro                   mount read-only (also: nodev, nosuid, noexec, noatime, ...)
-  cache_size=SIZE      memory budget of the shared layer cache, e.g. 512M, 2G, 10%%
-                       (of RAM); default: 25%% of RAM
+  cache_size=SIZE      memory budget of the shared layer cache, e.g. 512M, 2G, 10%
+                       (of RAM); default: 25% of RAM
   chunk_size=SIZE      cache chunk size, a power of two from 4K to 1M (default 16K)
   readahead=SIZE       a read that misses fetches at least this aligned window from the
                        store (default 64K; 0 = just the chunks asked for)

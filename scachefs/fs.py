@@ -576,6 +576,10 @@ class ScacheFS(Passthrough):
             "pid": os.getpid(),
             "source": self.source,
             "mountpoint": self.mountpoint,
+            "allow_other": self.options.allow_other,
+            "trace_dir": (self.options.trace_dir
+                          or os.path.join(self.source, ".scache", "traces"))
+            if self.boots.store is not None else None,
             "uptime_seconds": round(time.time() - self.started, 3),
             # Takeovers of the connection; the counters count from this daemon's start.
             "generation": self.generation,

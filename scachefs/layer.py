@@ -16,7 +16,7 @@ from scachefs.chunkcache import LayerBuffer
 from scachefs.prefetch import Progress
 from scachefs.recorder import BootSession
 from scachefs.shadow import Key
-from scachefs.traces import TraceFile, WorkingSet
+from scachefs.traces import LayerId, TraceFile, WorkingSet
 
 Identity = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
 
@@ -42,6 +42,8 @@ class Layer:
     fills: int = 0  # store reads in flight on fd
     active: bool = True  # False once dropped: handles then read the store directly
     # Boot traces (see boots.py).
+    trace_id: LayerId | None = None  # the host-independent identity traces are keyed by
+    identifying: bool = False  # a retry of a failed fingerprint read is running
     loaded: trio.Event = dataclasses.field(default_factory=trio.Event)
     trace_files: list[TraceFile] = dataclasses.field(default_factory=list)
     trace: WorkingSet | None = None

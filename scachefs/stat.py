@@ -150,6 +150,14 @@ def format_table(doc: dict[str, Any], bars: bool = False) -> str:
         f"{doc['shadow']['problems']} with problems (see the log)",
         _daemon_line(doc),
     ]
+    if "allow_other" in doc:
+        lines.append("access   allow_other: yes (every user, checked against the store's "
+                     "owners and modes)" if doc["allow_other"] else
+                     "access   allow_other: no: only the mounting user may use this mount; "
+                     "VMs run as another user (libvirt-qemu) get Permission denied: "
+                     "mount with -o allow_other")
+    if doc.get("trace_dir"):
+        lines.append(f"traces   {doc['trace_dir']}")
     return "\n".join(lines)
 
 

@@ -2,13 +2,17 @@
 
 Traces are files in the store's trace directory (``STORE/.scache/traces`` unless
 ``--trace-dir``), so list/show/delete/export/import work on the store directly,
-with or without a mount. ``warm`` asks a live mount to prefetch a layer now and
-shows a progress bar until it is done.
+with or without a mount. Each of them also takes the mount point of a live
+scachefs mount instead of the store: the store and the trace directory are then
+found through the mount's statistics (and through the daemon's own descriptors
+when the mount hides them, as a mount over the store does). ``warm`` asks a live
+mount to prefetch a layer now and shows a progress bar until it is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -20,15 +24,77 @@ from typing import Any
 
 from scachefs import traces
 from scachefs.control import COMMAND_XATTR
-from scachefs.stat import StatError, bar, human, read_stats
+from scachefs.stat import StatError, bar, find_mount, human, read_stats
 
 
-def trace_dir(args: argparse.Namespace) -> Path:
-    return Path(args.trace_dir) if args.trace_dir else Path(args.store) / ".scache" / "traces"
+@dataclasses.dataclass
+class Place:
+    """Where a command finds the layers and the traces."""
+
+    store: Path  # the store's directory (or the daemon's descriptor of it)
+    traces: Path  # the trace directory
+    via_mount: str | None = None  # the mount point the user named, if any
+
+
+def _daemon_fd(pid: int, path: str) -> Path | None:
+    """The daemon's own open descriptor of ``path`` (for what its mount hides)."""
+    base = Path(f"/proc/{pid}/fd")
+    try:
+        entries = sorted(base.iterdir(), key=lambda p: int(p.name))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            if os.readlink(entry) == path and entry.is_dir():
+                return entry
+        except OSError:
+            continue
+    return None
+
+
+def _hidden_by(path: str, mountpoint: str) -> bool:
+    return path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+
+
+def _reach(path: str, doc: dict[str, Any], what: str) -> Path:
+    """``path`` as the daemon names it, reachable from here (SystemExit if it is not)."""
+    if not _hidden_by(path, doc["mountpoint"]):
+        return Path(path)
+    via = _daemon_fd(doc["pid"], path)
+    if via is None:
+        raise SystemExit(f"scachefs-trace: the {what} {path} is hidden by the mount at "
+                         f"{doc['mountpoint']} and the daemon's descriptors (/proc/"
+                         f"{doc['pid']}/fd) cannot be read: run as root or as the mount's "
+                         "owner")
+    return via
+
+
+def place(args: argparse.Namespace) -> Place:
+    """The store and trace directory of STORE-OR-MOUNTPOINT (and --trace-dir)."""
+    target = args.store
+    mount = find_mount(target)
+    if mount is not None and mount[1] == "fuse.scachefs":
+        try:
+            doc = read_stats(target)
+        except StatError as exc:
+            raise SystemExit(f"scachefs-trace: {exc}") from None
+        if args.trace_dir:
+            trace_path = args.trace_dir
+        elif doc.get("trace_dir"):
+            trace_path = doc["trace_dir"]
+        elif "trace_dir" in doc:
+            raise SystemExit(f"scachefs-trace: the mount at {target} keeps no traces "
+                             "(record=off and prefetch=off)")
+        else:  # a daemon older than the trace_dir field: the default place
+            trace_path = os.path.join(doc["source"], ".scache", "traces")
+        return Place(_reach(doc["source"], doc, "store"),
+                     _reach(trace_path, doc, "trace directory"), target)
+    store = Path(target)
+    return Place(store, Path(args.trace_dir) if args.trace_dir else store / ".scache" / "traces")
 
 
 def layer_paths(store: Path) -> dict[int, str]:
-    """Inode number -> a path of that file in the store (for naming layers)."""
+    """Inode number -> a path of that file in the store (for naming format-1 traces)."""
     found: dict[int, str] = {}
     for root, dirs, files in os.walk(store):
         if Path(root) == store:
@@ -43,42 +109,81 @@ def layer_paths(store: Path) -> dict[int, str]:
     return found
 
 
-def load_all(directory: Path) -> tuple[dict[int, list[traces.TraceFile]], list[str]]:
-    """Every valid trace file by layer inode, and messages for the rejected ones."""
-    by_ino: dict[int, list[traces.TraceFile]] = defaultdict(list)
+def load_all(directory: Path) -> tuple[dict[str, list[traces.TraceFile]], list[str]]:
+    """Every valid trace file by key (``fp-HEX`` or ``ino-N``), and the rejected ones."""
+    by_key: dict[str, list[traces.TraceFile]] = defaultdict(list)
     problems = []
-    for path in sorted(directory.glob(f"ino-*{traces.SUFFIX}")):
+    for path in sorted(directory.glob(f"*{traces.SUFFIX}")):
+        raw = os.fsencode(path.name)
+        fp, ino = traces.FP_NAME.match(raw), traces.INO_NAME.match(raw)
         try:
-            ino = int(path.name.split(".")[0][4:])
-            by_ino[ino].append(traces.decode(path.read_bytes()[:traces.MAX_FILE_BYTES + 1],
-                                             expect_ino=ino))
+            data = path.read_bytes()[:traces.MAX_FILE_BYTES + 1]
+            if fp:
+                by_key[f"fp-{fp.group(1).decode()}"].append(
+                    traces.decode(data, fingerprint=bytes.fromhex(fp.group(1).decode())))
+            elif ino:
+                by_key[f"ino-{int(ino.group(1))}"].append(
+                    traces.decode(data, ino=int(ino.group(1))))
         except (ValueError, OSError) as exc:
             problems.append(f"{path}: {exc}")
-    return by_ino, problems
+    return by_key, problems
 
 
-def resolve_layer(store: Path, layer: str) -> os.stat_result:
-    path = Path(layer) if os.path.isabs(layer) else store / layer
+def layer_file(where: Place, layer: str) -> Path:
+    return Path(layer) if os.path.isabs(layer) else where.store / layer
+
+
+def layer_id(where: Place, layer: str) -> tuple[traces.LayerId, os.stat_result]:
+    """The layer's fingerprint, size and mtime, read from the store (SystemExit if it cannot)."""
+    path = layer_file(where, layer)
     try:
-        return path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SystemExit(f"scachefs-trace: {path}: {exc.strerror}") from None
+        raise SystemExit(f"scachefs-trace: {layer}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        fp = traces.fingerprint(fd, st.st_size)
+    except OSError as exc:
+        raise SystemExit(f"scachefs-trace: {layer}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return traces.LayerId(fp, st.st_size, st.st_mtime_ns), st
+
+
+def _name(where: Place, key: str, files: list[traces.TraceFile],
+          inodes: dict[int, str] | None) -> str:
+    """What to call a layer in a listing: its recorded path if that file is still it."""
+    if key.startswith("ino-"):
+        ino = int(key[4:])
+        name = (inodes or {}).get(ino)
+        return f"{name} (format 1)" if name else f"(inode {ino}, format 1, not in the store)"
+    hint = max(files, key=lambda f: max((b.started for b in f.boots), default=0)).path
+    if hint:
+        try:
+            now, _ = layer_id(where, hint)
+        except SystemExit:
+            return f"{hint} (gone: moved or deleted)"
+        return hint if now.fingerprint == files[0].layer.fingerprint else (
+            f"{hint} (changed since)")
+    return f"(fingerprint {key[3:15]}...)"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    directory = trace_dir(args)
+    where = place(args)
+    directory = where.traces
     if not directory.is_dir():
         print(f"no trace directory at {directory}")
         return 0
-    by_ino, problems = load_all(directory)
-    names = layer_paths(Path(args.store))
+    by_key, problems = load_all(directory)
+    inodes = layer_paths(where.store) if any(k.startswith("ino-") for k in by_key) else None
     rows: list[dict[str, Any]] = []
-    for ino, files in sorted(by_ino.items()):
+    for key, files in sorted(by_key.items()):
         boots = [b for f in files for b in f.boots]
         ws = traces.merge(files, files[0].layer, files[0].chunk_size)
         last = max((b.started for b in boots), default=0)
-        rows.append({"layer": names.get(ino, f"(inode {ino}, not in the store)"), "inode": ino,
-                     "boots": len(boots), "merged_bytes": ws.bytes if ws else 0,
+        rows.append({"layer": _name(where, key, files, inodes), "key": key,
+                     "format": files[0].version, "boots": len(boots),
+                     "merged_bytes": ws.bytes if ws else 0,
                      "chunks": len(ws.chunks) if ws else 0,
                      "hosts": sorted({f.host for f in files}),
                      "last_recorded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))})
@@ -96,71 +201,86 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _files_of(args: argparse.Namespace) -> tuple[int, list[Path]]:
-    st = resolve_layer(Path(args.store), args.layer)
-    return st.st_ino, sorted(trace_dir(args).glob(f"ino-{st.st_ino}.*{traces.SUFFIX}"))
+def _files_of(args: argparse.Namespace) -> tuple[Place, traces.LayerId, list[Path]]:
+    """The layer's trace files: by fingerprint, and format-1 files of its inode number."""
+    where = place(args)
+    layer, st = layer_id(where, args.layer)
+    directory = where.traces
+    paths = sorted(directory.glob(f"fp-{layer.hex}.*{traces.SUFFIX}"))
+    paths += sorted(directory.glob(f"ino-{st.st_ino}.*{traces.SUFFIX}"))
+    return where, dataclasses.replace(layer, ino=st.st_ino), paths
+
+
+def _decode(path: Path, layer: traces.LayerId) -> traces.TraceFile:
+    data = path.read_bytes()[:traces.MAX_FILE_BYTES + 1]
+    if path.name.startswith("ino-"):
+        return traces.decode(data, ino=layer.ino)
+    return traces.decode(data, fingerprint=layer.fingerprint)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    ino, paths = _files_of(args)
+    _, layer, paths = _files_of(args)
     if not paths:
-        print(f"no trace of {args.layer} (inode {ino})")
+        print(f"no trace of {args.layer} (fingerprint {layer.hex})")
         return 1
     files = []
     for path in paths:
         try:
-            trace = traces.decode(path.read_bytes(), expect_ino=ino)
+            trace = _decode(path, layer)
         except (traces.TraceError, OSError) as exc:
             print(f"{path.name}: rejected: {exc}")
             continue
         files.append(trace)
+        state = "current" if trace.layer.same_version(layer) else (
+            "format 1" if trace.version == 1 else "recorded on another version")
         print(f"{path.name}: host {trace.host}, chunk size {human(trace.chunk_size)}, layer "
-              f"size {human(trace.layer.size)}, {len(trace.boots)} boots")
+              f"size {human(trace.layer.size)}, {len(trace.boots)} boots ({state})")
         for boot in trace.boots:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(boot.started))
             size = human(len(boot.chunks) * trace.chunk_size)
             print(f"  {when}  {boot.requests:>6} reads  {len(boot.chunks):>6} chunks "
                   f"({size})  {boot.duration_ms / 1000:.1f} s")
     if files:
-        ws = traces.merge(files, files[0].layer, files[0].chunk_size)
+        ws = traces.merge(files, layer, files[0].chunk_size)
         if ws:
-            runs = traces.plan_runs(ws.chunks, ws.chunk_size, files[0].layer.size)
+            runs = traces.plan_runs(ws.chunks, ws.chunk_size, layer.size)
             print(f"working set: {len(ws.chunks)} chunks ({human(ws.bytes)}) from {ws.boots} "
                   f"boots on {ws.hosts} hosts, prefetched in {len(runs)} reads")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    ino, paths = _files_of(args)
+    _, layer, paths = _files_of(args)
     for path in paths:
         path.unlink()
         print(f"deleted {path}")
     if not paths:
-        print(f"no trace of {args.layer} (inode {ino})")
+        print(f"no trace of {args.layer} (fingerprint {layer.hex})")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    ino, paths = _files_of(args)
+    _, layer, paths = _files_of(args)
     files = []
     for path in paths:
         try:
-            files.append(traces.decode(path.read_bytes(), expect_ino=ino))
+            files.append(_decode(path, layer))
         except (traces.TraceError, OSError) as exc:
             print(f"skipping {path.name}: {exc}", file=sys.stderr)
     if not files:
         print(f"scachefs-trace: no usable trace of {args.layer}", file=sys.stderr)
         return 1
     boots = sorted((b for f in files for b in f.boots), key=lambda b: b.started)
-    out = traces.TraceFile(files[0].layer, files[0].chunk_size, "export",
-                           boots[-traces.MAX_BOOTS_PER_FILE:])
+    out = traces.TraceFile(dataclasses.replace(layer, ino=0), files[0].chunk_size, "export",
+                           boots[-traces.MAX_BOOTS_PER_FILE:], args.layer)
     Path(args.output).write_bytes(traces.encode(out))
     print(f"exported {len(out.boots)} boots of {args.layer} to {args.output}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    st = resolve_layer(Path(args.store), args.layer)
+    where = place(args)
+    layer, st = layer_id(where, args.layer)
     try:
         trace = traces.decode(Path(args.input).read_bytes())
     except (traces.TraceError, OSError) as exc:
@@ -170,10 +290,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"scachefs-trace: the trace is of a {trace.layer.size}-byte layer, "
               f"{args.layer} has {st.st_size} bytes", file=sys.stderr)
         return 1
+    if trace.layer.fingerprint and trace.layer.fingerprint != layer.fingerprint:
+        print(f"scachefs-trace: note: {args.layer} differs from the exported layer (another "
+              "fingerprint); its chunk digests will show what still matches", file=sys.stderr)
     # Re-key to this store's copy of the layer; the chunk digests still vouch for the
     # content, so a copy that differs is caught chunk by chunk at prefetch.
-    trace.layer = traces.LayerId(st.st_ino, st.st_size, st.st_mtime_ns)
-    directory = trace_dir(args)
+    trace.layer, trace.version = layer, traces.VERSION
+    trace.path = os.path.relpath(layer_file(where, args.layer), where.store)
+    directory = where.traces
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -214,7 +338,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
                                                       if pf["stopped_at_budget"] else ""))
                 return 0 if not pf.get("error") else 1
         elif not seen and layer is not None and (layer.get("trace") or {}).get("status") in (
-                "none", "off"):
+                "none", "off", "error"):
             print(f"scachefs-trace: {args.layer} has no trace to warm from", file=sys.stderr)
             return 1
         elif layer is None and time.monotonic() - start > 5:
@@ -236,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def store_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("store", metavar="STORE", help="the image store (SOURCE of the mount)")
+        p.add_argument("store", metavar="STORE|MOUNTPOINT",
+                       help="the image store (SOURCE of the mount), or a scachefs mount point")
         p.add_argument("--trace-dir", help="the trace directory (default STORE/.scache/traces)")
         return p
 

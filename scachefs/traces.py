@@ -2,20 +2,32 @@
 
 A trace file holds the recent boots one host recorded for one layer. Files live
 in the trace directory (``SOURCE/.scache/traces`` by default), named
-``ino-<layer inode>.<host>.trace``: hosts never write the same file, every host
-that mounts the store reads them all, and a layer keeps its traces across
-renames and hard links. Each entry carries the xxh3 digest of the chunk it saw,
-so a trace of a layer that changed since is detected chunk by chunk at prefetch.
+``fp-<layer fingerprint>.<host>.trace``: hosts never write the same file and
+every host that mounts the store reads them all. The **fingerprint** is an
+xxh3-128 of the layer's size and a few sampled pieces of its content (the first
+64 KiB, a qcow2 layer's L1 table, eight 4 KiB blocks spread over the file), so
+every host computes the same key for the same bytes, whatever path, inode
+number, mtime granularity or network file system it sees them through, and a
+layer keeps its traces across renames, hard links and copies. Each entry
+carries the xxh3 digest of the chunk it saw, so a trace of a layer whose bytes
+changed where the fingerprint does not look is still caught chunk by chunk at
+prefetch. Files of format 1 (``ino-<inode>.<host>.trace``, keyed by the store's
+inode number) are read and migrated to format 2 once, by the first host that
+attaches the layer with that inode number and size.
 
-File format, version 1, little-endian::
+File format, version 2, little-endian::
 
     header   magic "SCTRACE\\0", version u16, reserved u16, chunk_size u32,
-             layer ino u64, layer size u64, layer mtime_ns u64, host 64 bytes
-             (UTF-8, NUL padded), boots u32, entries u32
+             layer fingerprint 16 bytes, layer size u64, layer mtime_ns u64 (when
+             recorded, as the recording host saw it), host 64 bytes (UTF-8, NUL
+             padded), layer path 256 bytes (relative to the store when recorded,
+             UTF-8, NUL padded; a hint for tools), boots u32, entries u32
     boots    boots x (started unix seconds u64, duration_ms u32, requests u32,
              bytes u64, entries u32)
     entries  entries x (chunk index u64, first access ms u32, xxh3_64 digest u64)
     trailer  xxh3_64 of everything before it, u64
+
+Version 1 had ``layer ino u64`` in place of the fingerprint and no path.
 
 Readers reject anything malformed with :class:`TraceError` (never another
 exception), so a corrupt file is logged and ignored, never trusted.
@@ -24,26 +36,43 @@ exception), so a corrupt file is logged and ignored, never trusted.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Sequence
 
 import xxhash
 
+log = logging.getLogger(__name__)
+
 MAGIC = b"SCTRACE\0"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSION = 1  # keyed by inode number: read, and migrated once
 MAX_FILE_BYTES = 16 << 20  # bounded: a trace can never fill the store
 MAX_BOOTS_PER_FILE = 8  # a host keeps its most recent boots
 RECENT_BOOTS = 16  # boots considered when merging, across hosts
 SUFFIX = ".trace"
+PATH_BYTES = 256
 
-_HEADER = struct.Struct("<8sHHIQQQ64sII")
+_HEADER = struct.Struct("<8sHHI16sQQ64s256sII")
+_HEADER_V1 = struct.Struct("<8sHHIQQQ64sII")
 _BOOT = struct.Struct("<QIIQI")
 _ENTRY = struct.Struct("<QIQ")
 _TRAILER = struct.Struct("<Q")
 MAX_ENTRIES = (MAX_FILE_BYTES - _HEADER.size - _TRAILER.size
                - MAX_BOOTS_PER_FILE * _BOOT.size) // _ENTRY.size
+
+# What the fingerprint reads: the head of the file, a qcow2 L1 table, sampled blocks.
+FP_HEAD = 64 << 10
+FP_L1_MAX = 64 << 10
+FP_SAMPLES = 8
+FP_BLOCK = 4 << 10
+FP_WHOLE = 1 << 20  # files up to this size are hashed whole
+FP_NAME = re.compile(rb"^fp-([0-9a-f]{32})\.")
+INO_NAME = re.compile(rb"^ino-([0-9]+)\.")
 
 
 class TraceError(ValueError):
@@ -52,11 +81,35 @@ class TraceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LayerId:
-    """What a trace file says about the layer it was recorded on."""
+    """A layer as every host sees it: content fingerprint, size, mtime when recorded.
 
-    ino: int
+    ``ino`` is only set for format-1 files (the recording host's inode number,
+    which other hosts may number differently); their fingerprint is empty.
+    """
+
+    fingerprint: bytes
     size: int
     mtime_ns: int
+    ino: int = 0
+
+    @property
+    def hex(self) -> str:
+        return self.fingerprint.hex()
+
+    def same_version(self, other: LayerId) -> bool:
+        """Same bytes as far as every host can tell: fingerprint, size and mtime.
+
+        mtimes are compared to the nanosecond when both have a fraction of a second,
+        else in whole seconds: sshfs (SFTP) reports only seconds, NFS, GlusterFS,
+        CephFS and local file systems nanoseconds of the same value.
+        """
+        if not self.fingerprint or self.fingerprint != other.fingerprint \
+                or self.size != other.size:
+            return False
+        a, b = self.mtime_ns, other.mtime_ns
+        if a % 1_000_000_000 and b % 1_000_000_000:
+            return a == b
+        return a // 1_000_000_000 == b // 1_000_000_000
 
 
 @dataclasses.dataclass
@@ -78,21 +131,74 @@ class TraceFile:
     chunk_size: int
     host: str
     boots: list[Boot]
+    path: str = ""  # the layer's path in the store when recorded (a hint for tools)
+    version: int = VERSION
+
+
+def _read(fd: int, size: int, offset: int) -> bytes:
+    """pread until ``size`` bytes or end of file (blocking)."""
+    parts = []
+    while size > 0:
+        data = os.pread(fd, size, offset)
+        if not data:
+            break
+        parts.append(data)
+        size -= len(data)
+        offset += len(data)
+    return b"".join(parts)
+
+
+def fingerprint(fd: int, size: int) -> bytes:
+    """The layer's content fingerprint (16 bytes); blocking: call it in a worker thread.
+
+    xxh3-128 of the size and: the whole file up to 1 MiB; else its first 64 KiB
+    (a qcow2 header, its extensions and backing name), a qcow2 layer's L1 table
+    (up to 64 KiB: it changes when the image grows into new regions) and eight
+    4 KiB blocks spread evenly up to the last one. About 100-170 KiB in at most
+    ten reads, once per attach of a layer.
+    """
+    h = xxhash.xxh3_128()
+    h.update(struct.pack("<Q", size))
+    if size <= FP_WHOLE:
+        h.update(_read(fd, size, 0))
+        return h.digest()
+    head = _read(fd, FP_HEAD, 0)
+    h.update(head)
+    if head[:4] == b"QFI\xfb" and len(head) >= 48:
+        l1_size, l1_offset = struct.unpack_from(">IQ", head, 36)
+        length = min(l1_size * 8, FP_L1_MAX)
+        if length and 0 < l1_offset < size:
+            h.update(_read(fd, length, l1_offset))
+    for k in range(1, FP_SAMPLES + 1):
+        offset = (size - FP_BLOCK) * k // FP_SAMPLES // FP_BLOCK * FP_BLOCK
+        h.update(_read(fd, FP_BLOCK, offset))
+    return h.digest()
 
 
 def _cut(text: str, limit: int) -> bytes:
     """UTF-8 of text, at most ``limit`` bytes, never cutting a character in two."""
-    return text.encode()[:limit].decode("utf-8", "ignore").encode()
+    return text.encode(errors="surrogateescape")[:limit].decode("utf-8", "ignore").encode()
 
 
-def file_name(ino: int, host: str) -> bytes:
-    """The trace file of a layer for one host (host names are sanitized, <= 64 bytes)."""
+def _safe_host(host: str) -> str:
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in host)
-    return f"ino-{ino}.{safe[:64] or 'host'}{SUFFIX}".encode()
+    return safe[:64] or "host"
+
+
+def file_name(fp: bytes, host: str) -> bytes:
+    """The trace file of a layer for one host (host names are sanitized, <= 64 bytes)."""
+    if len(fp) != 16:
+        raise TraceError(f"a layer fingerprint has 16 bytes, not {len(fp)}")
+    return f"fp-{fp.hex()}.{_safe_host(host)}{SUFFIX}".encode()
+
+
+def legacy_file_name(ino: int, host: str) -> bytes:
+    """A format-1 file name (keyed by the recording host's inode number)."""
+    return f"ino-{ino}.{_safe_host(host)}{SUFFIX}".encode()
 
 
 def encode(trace: TraceFile) -> bytes:
-    """Serialize; raises TraceError if the result would exceed the bounds."""
+    """Serialize (always format 2); raises TraceError if the result would exceed the bounds."""
     boots = trace.boots[-MAX_BOOTS_PER_FILE:]
     total = sum(len(b.chunks) for b in boots)
     if total > MAX_ENTRIES:
@@ -100,9 +206,12 @@ def encode(trace: TraceFile) -> bytes:
     cs = trace.chunk_size
     if cs < 4096 or cs > (1 << 20) or cs & (cs - 1):
         raise TraceError(f"bad chunk size {cs}")
+    if len(trace.layer.fingerprint) != 16:
+        raise TraceError("the layer has no fingerprint")
     try:
-        parts = [_HEADER.pack(MAGIC, VERSION, 0, cs, trace.layer.ino, trace.layer.size,
-                              trace.layer.mtime_ns, _cut(trace.host, 64), len(boots), total)]
+        parts = [_HEADER.pack(MAGIC, VERSION, 0, cs, trace.layer.fingerprint,
+                              trace.layer.size, trace.layer.mtime_ns, _cut(trace.host, 64),
+                              _cut(trace.path, PATH_BYTES), len(boots), total)]
         for boot in boots:
             parts.append(_BOOT.pack(boot.started, boot.duration_ms, boot.requests, boot.bytes,
                                     len(boot.chunks)))
@@ -114,37 +223,64 @@ def encode(trace: TraceFile) -> bytes:
     return body + _TRAILER.pack(xxhash.xxh3_64_intdigest(body))
 
 
-def decode(data: bytes, expect_ino: int | None = None) -> TraceFile:
-    """Parse and validate a trace file; TraceError says exactly what is wrong."""
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        raise TraceError(f"{what} is not UTF-8") from None
+
+
+def decode(data: bytes, *, fingerprint: bytes | None = None,
+           ino: int | None = None) -> TraceFile:
+    """Parse and validate a trace file (format 2 or 1); TraceError says exactly what is wrong.
+
+    ``fingerprint`` (format 2) or ``ino`` (format 1) is the layer the caller
+    expects: a file of another layer is rejected.
+    """
     if len(data) > MAX_FILE_BYTES:
         raise TraceError(f"oversized: {len(data)} bytes (limit {MAX_FILE_BYTES})")
-    if len(data) < _HEADER.size + _TRAILER.size:
+    if len(data) < 12 + _TRAILER.size:
         raise TraceError(f"truncated: {len(data)} bytes is shorter than a header")
-    (magic, version, _, chunk_size, ino, size, mtime_ns, host, nboots,
-     nentries) = _HEADER.unpack_from(data)
+    magic, version = struct.unpack_from("<8sH", data)
     if magic != MAGIC:
         raise TraceError("not a scachefs trace (bad magic)")
-    if version != VERSION:
+    if version not in (VERSION, LEGACY_VERSION):
         raise TraceError(f"trace version {version} is not supported (this is {VERSION})")
+    header = _HEADER if version == VERSION else _HEADER_V1
+    if len(data) < header.size + _TRAILER.size:
+        raise TraceError(f"truncated: {len(data)} bytes is shorter than a header")
+    path = ""
+    if version == VERSION:
+        (_, _, _, chunk_size, fp, size, mtime_ns, host, raw_path, nboots,
+         nentries) = _HEADER.unpack_from(data)
+        layer_ino = 0
+    else:
+        (_, _, _, chunk_size, layer_ino, size, mtime_ns, host, nboots,
+         nentries) = _HEADER_V1.unpack_from(data)
+        fp, raw_path = b"", b""
     if chunk_size < 4096 or chunk_size > (1 << 20) or chunk_size & (chunk_size - 1):
         raise TraceError(f"bad chunk size {chunk_size}")
     if nboots > MAX_BOOTS_PER_FILE or nentries > MAX_ENTRIES:
         raise TraceError(f"declared counts too large: {nboots} boots, {nentries} entries")
-    expected = _HEADER.size + nboots * _BOOT.size + nentries * _ENTRY.size + _TRAILER.size
+    expected = header.size + nboots * _BOOT.size + nentries * _ENTRY.size + _TRAILER.size
     if len(data) != expected:
         raise TraceError(f"truncated or padded: {len(data)} bytes, header says {expected}")
     (checksum,) = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
     if xxhash.xxh3_64_intdigest(data[:-_TRAILER.size]) != checksum:
         raise TraceError("checksum mismatch (corrupt file)")
-    if expect_ino is not None and ino != expect_ino:
-        raise TraceError(f"trace of another layer (inode {ino}, expected {expect_ino})")
-    try:
-        host_name = host.rstrip(b"\0").decode()
-    except UnicodeDecodeError:
-        raise TraceError("host name is not UTF-8") from None
+    if version == VERSION and fingerprint is not None and fp != fingerprint:
+        raise TraceError(f"trace of another layer (fingerprint {fp.hex()}, expected "
+                         f"{fingerprint.hex()})")
+    if version == LEGACY_VERSION and ino is not None and layer_ino != ino:
+        raise TraceError(f"trace of another layer (inode {layer_ino}, expected {ino})")
+    if version == LEGACY_VERSION and fingerprint is not None and ino is None:
+        raise TraceError("a format-1 trace (keyed by inode number) where a fingerprint "
+                         "was expected")
+    host_name = _text(host, "host name")
+    path = _text(raw_path, "layer path")
     boots: list[Boot] = []
-    offset = _HEADER.size
-    entry_offset = _HEADER.size + nboots * _BOOT.size
+    offset = header.size
+    entry_offset = header.size + nboots * _BOOT.size
     for _ in range(nboots):
         started, duration_ms, requests, nbytes, count = _BOOT.unpack_from(data, offset)
         offset += _BOOT.size
@@ -162,7 +298,8 @@ def decode(data: bytes, expect_ino: int | None = None) -> TraceFile:
         boots.append(Boot(started, duration_ms, requests, nbytes, chunks))
     if entry_offset != len(data) - _TRAILER.size:
         raise TraceError("boots declare fewer entries than the file holds")
-    return TraceFile(LayerId(ino, size, mtime_ns), chunk_size, host_name, boots)
+    return TraceFile(LayerId(fp, size, mtime_ns, layer_ino), chunk_size, host_name, boots,
+                     path, version)
 
 
 @dataclasses.dataclass
@@ -192,13 +329,17 @@ def min_boots_for(boots: int) -> int:
 
 
 def merge(files: Iterable[TraceFile], layer: LayerId, chunk_size: int) -> WorkingSet | None:
-    """Union of the most recent boots of every host, ordered by earliest first access."""
+    """Union of the most recent boots of every host, ordered by earliest first access.
+
+    When some host recorded on the layer as it is now (same fingerprint, size and
+    mtime), only such boots are merged: boots of other versions predict other bytes.
+    Otherwise every boot counts (the digests catch what changed, at prefetch).
+    """
+    usable = [t for t in files if t.chunk_size == chunk_size and t.boots]
+    now = [t for t in usable if t.layer.same_version(layer)]
+    current = bool(now)
     dated: list[tuple[int, Boot, str]] = []
-    current = False
-    for trace in files:
-        if trace.chunk_size != chunk_size:
-            continue
-        current = current or (trace.layer == layer and bool(trace.boots))
+    for trace in now or usable:
         dated.extend((boot.started, boot, trace.host) for boot in trace.boots)
     if not dated:
         return None
@@ -253,46 +394,95 @@ class TraceStore:
         self.dir_fd = dir_fd
         self.host = host
 
-    def load(self, ino: int) -> tuple[list[TraceFile], list[tuple[str, str]]]:
-        """All valid trace files of a layer, and (file, reason) for the rejected ones."""
-        prefix = f"ino-{ino}.".encode()
+    def _read_file(self, raw: bytes) -> bytes:
+        """A candidate trace file's bytes; OSError or TraceError says why it is unusable."""
+        fd = os.open(raw, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=self.dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not (st.st_mode & 0o170000 == 0o100000):
+                raise TraceError("not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise TraceError(f"oversized: {st.st_size} bytes")
+            try:
+                return os.pread(fd, MAX_FILE_BYTES + 1, 0)
+            except OSError as exc:  # unreadable: ignored like a corrupt one
+                raise TraceError(f"cannot read it: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def load(self, layer: LayerId, path: str = "",
+             ino: int | None = None) -> tuple[list[TraceFile], list[tuple[str, str]]]:
+        """All valid trace files of a layer, and (file, reason) for the rejected ones.
+
+        With ``ino`` (the layer's inode number in this host's view of the store),
+        format-1 files of that inode whose layer size matches are migrated first:
+        rewritten as format 2 under the fingerprint (keeping their host, boots and
+        recorded mtime) and removed.
+        """
+        prefix = f"fp-{layer.hex}.".encode()
+        legacy = f"ino-{ino}.".encode() if ino is not None else None
         good: list[TraceFile] = []
         bad: list[tuple[str, str]] = []
-        for name in os.listdir(self.dir_fd):
-            raw = os.fsencode(name)
-            if not raw.startswith(prefix) or not raw.endswith(SUFFIX.encode()):
+        old: list[tuple[bytes, TraceFile]] = []
+        names = [os.fsencode(n) for n in os.listdir(self.dir_fd)]
+        for raw in names:
+            if not raw.endswith(SUFFIX.encode()):
+                continue
+            is_legacy = legacy is not None and raw.startswith(legacy)
+            if not raw.startswith(prefix) and not is_legacy:
                 continue
             try:
-                fd = os.open(raw, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                             dir_fd=self.dir_fd)
+                data = self._read_file(raw)
+                if is_legacy:
+                    trace = decode(data, ino=ino)
+                    if trace.version != LEGACY_VERSION:
+                        raise TraceError("a format-2 trace under a format-1 name")
+                    if trace.layer.size == layer.size:
+                        old.append((raw, trace))
+                    continue  # another layer this host numbers alike, or an old version
+                good.append(decode(data, fingerprint=layer.fingerprint))
             except OSError as exc:
                 bad.append((os.fsdecode(raw), exc.strerror or str(exc)))
-                continue
-            try:
-                st = os.fstat(fd)
-                if not (st.st_mode & 0o170000 == 0o100000):
-                    bad.append((os.fsdecode(raw), "not a regular file"))
-                    continue
-                if st.st_size > MAX_FILE_BYTES:
-                    bad.append((os.fsdecode(raw), f"oversized: {st.st_size} bytes"))
-                    continue
-                data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
-            except OSError as exc:  # unreadable: ignored like a corrupt one
-                bad.append((os.fsdecode(raw), f"cannot read it: {exc.strerror or exc}"))
-                continue
-            finally:
-                os.close(fd)
-            try:
-                good.append(decode(data, expect_ino=ino))
             except TraceError as exc:
                 bad.append((os.fsdecode(raw), str(exc)))
+        for raw, trace in old:
+            good = self._migrate(raw, trace, layer, path, good)
         return good, bad
 
-    def save(self, trace: TraceFile) -> str:
-        """Write this host's trace file atomically (temp file, fsync, rename, fsync dir)."""
+    def _migrate(self, raw: bytes, trace: TraceFile, layer: LayerId, path: str,
+                 good: list[TraceFile]) -> list[TraceFile]:
+        """Rewrite a format-1 file as format 2 (its boots join that host's file) and remove it."""
+        same = [t for t in good if t.host == trace.host]
+        boots = sorted([b for t in same for b in t.boots] + trace.boots,
+                       key=lambda b: b.started)[-MAX_BOOTS_PER_FILE:]
+        recorded = same[0].layer if same else LayerId(layer.fingerprint, trace.layer.size,
+                                                      trace.layer.mtime_ns)
+        new = TraceFile(recorded, trace.chunk_size, trace.host, boots,
+                        same[0].path if same else path)
+        try:
+            name = self.save(new, host=trace.host)
+            os.unlink(raw, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass  # another host migrated it at the same time: same result
+        except (OSError, TraceError) as exc:
+            log.warning("cannot migrate trace file %s to format %d: %s", os.fsdecode(raw),
+                        VERSION, exc)
+            return [*good, trace]
+        log.info("migrated trace file %s (format 1, inode %d) to %s", os.fsdecode(raw),
+                 trace.layer.ino, name)
+        return [t for t in good if t.host != trace.host] + [new]
+
+    def save(self, trace: TraceFile, host: str | None = None) -> str:
+        """Write a host's trace file atomically (temp file, fsync, rename, fsync dir).
+
+        The file is this host's unless ``host`` says otherwise (migration only).
+        """
         data = encode(trace)
-        name = file_name(trace.layer.ino, self.host)
-        tmp = b"." + name + f".{os.getpid()}.tmp".encode()
+        owner = self.host if host is None else host
+        name = file_name(trace.layer.fingerprint, owner)
+        # The temporary name is this host's own: hosts never write the same file.
+        tmp = b"." + name + f".{_safe_host(self.host)}.{os.getpid()}.tmp".encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=self.dir_fd)
         try:
@@ -310,5 +500,9 @@ class TraceStore:
             except OSError:
                 pass
             raise
-        os.fsync(self.dir_fd)
+        try:
+            os.fsync(self.dir_fd)
+        except OSError as exc:  # some network file systems cannot fsync a directory
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
         return os.fsdecode(name)

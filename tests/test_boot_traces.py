@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from scachefs import traces as trace_format
 from tests.conftest import MountFactory
 from tests.mounting import drop_caches, run
 from tests.test_qemu_passthrough import qemu_io
@@ -23,6 +26,20 @@ def make_boot_base(store: Path) -> Path:
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "128M")
     run("qemu-io", "-c", "write -P 0x42 0 64M", base)
     return base
+
+
+def layer_fingerprint(layer: Path) -> bytes:
+    """The fingerprint traces of this layer are keyed by (what every host computes)."""
+    fd = os.open(layer, os.O_RDONLY)
+    try:
+        return trace_format.fingerprint(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def trace_file_name(layer: Path, host: str) -> str:
+    """The name of the trace file ``host`` keeps for ``layer``."""
+    return trace_format.file_name(layer_fingerprint(layer), host).decode()
 
 
 def boot_script(seed: int = 7, think_ms: int = 1) -> list[str]:
@@ -90,7 +107,8 @@ def test_record_then_prefetch_the_next_boot(store: Path, mnt: Path,
     first = record_one_boot(store, mnt, mount_factory)
     assert first["trace"]["boots"] == 1
     traces = sorted((store / ".scache" / "traces").iterdir())
-    assert len(traces) == 1 and traces[0].name.startswith("ino-")
+    assert len(traces) == 1 and traces[0].name.startswith("fp-")
+    assert traces[0].name == trace_file_name(store / "base.qcow2", socket.gethostname())
     assert 1000 < traces[0].stat().st_size < 64 * 1024  # 20 bytes per chunk
 
     drop_caches()
@@ -154,15 +172,41 @@ def test_storm_of_four_reads_the_base_once(store: Path, mnt: Path,
     assert layer["hit_bytes"] + layer["miss_bytes"] >= 4 * requested  # all four were served
 
 
+def test_a_layer_whose_sampled_bytes_changed_is_a_new_layer(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    base = make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory)
+    before = layer_fingerprint(base)
+    run("qemu-io", "-c", "write -P 0x43 0 64M", base)  # same size, new bytes everywhere
+    assert layer_fingerprint(base) != before
+    mount_factory(store, mnt, "allow_other")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    script = [c.replace("0x42", "0x43") for c in boot_script()]
+    replay(mnt / "vm2.qcow2", script)  # never the old bytes
+    layer = wait_for(mnt, "base.qcow2", recorded)
+    assert layer["prefetch"] is None  # the old trace predicts other bytes: not used
+    assert layer["trace"]["fingerprint"] == layer_fingerprint(base).hex()
+    names = sorted(p.name for p in (store / ".scache" / "traces").iterdir())
+    assert len(names) == 2 and trace_file_name(base, socket.gethostname()) in names
+
+
 def test_a_changed_layer_is_detected_chunk_by_chunk_and_re_recorded(
         store: Path, mnt: Path, mount_factory: MountFactory) -> None:
     base = make_boot_base(store)
     record_one_boot(store, mnt, mount_factory)
-    run("qemu-io", "-c", "write -P 0x43 0 64M", base)  # same size, new bytes
+    before = layer_fingerprint(base)
+    # New bytes where the fingerprint does not look, but the boot reads: the same key;
+    # the chunk digests catch it.
+    script = boot_script()
+    first = next(c for c in script if c.startswith("read"))
+    _, _, _, offset, length = first.split()
+    run("qemu-io", "-c", f"write -P 0x43 {offset} {length}", base)
+    assert layer_fingerprint(base) == before
     mount = mount_factory(store, mnt, "allow_other")
     overlay(store, "vm2.qcow2", "base.qcow2")
-    script = [c.replace("0x42", "0x43") for c in boot_script()]
-    replay(mnt / "vm2.qcow2", script)  # never the old bytes
+    changed = [first.replace("0x42", "0x43")] + [
+        c.replace("-P 0x42 ", "") for c in script if c != first]
+    replay(mnt / "vm2.qcow2", changed)  # never the old bytes
     layer = wait_for(mnt, "base.qcow2", lambda la: prefetched(la) and recorded(la))
     assert layer["prefetch"]["stale_chunks"] > 0
     # A mismatch stops the prefetch: it does not read the rest of a stale prediction.
@@ -222,3 +266,47 @@ def test_prefetch_at_mount_and_the_budget(store: Path, mnt: Path,
     assert layer["prefetch"]["stopped_at_budget"]
     assert stats(mnt)["cache"]["used_bytes"] <= 4 * MiB
     assert "stopped at the cache budget" in small.log()
+
+
+def test_format_1_traces_are_migrated_once_and_still_prefetch(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    base = make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=old")
+    directory = store / ".scache" / "traces"
+    (v2,) = directory.iterdir()
+    recorded_trace = trace_format.decode(v2.read_bytes())
+    # The same boots as scachefs wrote them before fingerprints: keyed by inode number.
+    st = base.stat()
+    from tests.test_traces import encode_v1
+    v1 = directory / f"ino-{st.st_ino}.old.trace"
+    v1.write_bytes(encode_v1(st.st_ino, st.st_size, recorded_trace.layer.mtime_ns, "old",
+                             recorded_trace.boots, recorded_trace.chunk_size))
+    v2.unlink()
+    mount = mount_factory(store, mnt, "allow_other", "host_id=new")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script())
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["trace"]["status"] == "ready" and not layer["trace"]["recording"]
+    assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
+    assert sorted(p.name for p in directory.iterdir()) == [trace_file_name(base, "old")]
+    migrated = trace_format.decode((directory / trace_file_name(base, "old")).read_bytes())
+    assert migrated.boots == recorded_trace.boots and migrated.host == "old"
+    assert migrated.path == "base.qcow2"
+    assert "migrated trace file" in mount.log()
+
+
+def test_a_base_copied_to_a_new_name_finds_its_traces(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=h1")
+    (store / "bases").mkdir()
+    shutil.copyfile(store / "base.qcow2", store / "bases" / "copy.qcow2")  # new inode, mtime
+    (store / "base.qcow2").unlink()
+    mount_factory(store, mnt, "allow_other", "host_id=h1")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "bases/copy.qcow2", "-F", "qcow2",
+        store / "vm2.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script())
+    layer = wait_for(mnt, "bases/copy.qcow2", lambda la: prefetched(la) and recorded(la))
+    assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
+    # Recorded on another mtime: the copy's first boot was prefetched and recorded once.
+    assert layer["trace"]["status"] == "ready"

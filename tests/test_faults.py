@@ -425,7 +425,9 @@ def test_a_store_error_during_prefetch_does_not_kill_the_daemon(
     make_boot_base(store)
     recorded = record_one_boot(store, mnt, crashable)["trace"]  # on the healthy store
     data_start = host_offset(store / "base.qcow2", 0)
-    errstore.arm({"path": "base.qcow2", "offset": data_start, "length": 1 << 30})
+    # The first 4 MiB of data: where the boot reads, not where the layer's fingerprint
+    # samples (its head, L1 table and blocks at eighths of the file: see traces.py).
+    errstore.arm({"path": "base.qcow2", "offset": data_start, "length": 4 << 20})
     options = ("prefetch=mount",) if when == "mount" else ()
     # Tracebacks are judged below, in the test, not by the fixture's log check.
     mount = crashable(errstore.mountpoint, mnt, "allow_other", *options,
@@ -449,6 +451,26 @@ def test_a_store_error_during_prefetch_does_not_kill_the_daemon(
     alive(mount)
     assert layer_stats(mnt, "base.qcow2")["trace"]["boots"] == recorded["boots"]
     assert "Traceback" not in mount.log()
+
+
+def test_a_layer_that_cannot_be_fingerprinted_gets_its_traces_at_a_later_open(
+        store: Path, errstore: ErrStore, mnt: Path, crashable: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, crashable)
+    errstore.arm({"path": "base.qcow2", "offset": 0, "length": 1 << 30})
+    mount = crashable(errstore.mountpoint, mnt, "allow_other")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    vm = qio(mnt / "vm2.qcow2", "read -P 0x42 0 64k")  # the store fails every read
+    assert "Input/output error" in vm.output, vm.output
+    layer = layer_stats(mnt, "base.qcow2")
+    assert layer["trace"]["status"] == "error" and layer["prefetch"] is None, layer
+    assert log_lines(mount, "cannot read it to fingerprint it")
+    errstore.disarm()
+    replay(mnt / "vm2.qcow2", boot_script(think_ms=0))  # the store is back: tried again
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["trace"]["status"] == "ready" and layer["prefetch"]["error"] is None
+    assert layer["prefetch"]["useful_chunks"] > 0
+    alive(mount)
 
 
 @pytest.mark.parametrize("prefetch", ["open", "mount"])

@@ -25,7 +25,7 @@ from scachefs.inodes import ROOT_INODE
 from scachefs.layer import Layer, identity_of
 from scachefs.options import MountOptions
 from scachefs.recorder import BootSession
-from scachefs.traces import Boot, LayerId, TraceFile, TraceStore
+from scachefs.traces import Boot, LayerId, TraceFile, TraceStore, fingerprint
 from scachefs.workers import WorkerPool
 from tests.mounting import run
 
@@ -136,7 +136,12 @@ async def test_a_layer_dropped_while_its_traces_load_is_not_prefetched(tmp_path:
     assert fs.boots.store is not None
     st = os.stat(base)  # a trace of the layer, so that its first open would prefetch
     boot = Boot(0, 1000, 64, MiB, [(i, i, 0) for i in range(64)])
-    fs.boots.store.save(TraceFile(LayerId(st.st_ino, st.st_size, st.st_mtime_ns),
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        fp = fingerprint(fd, st.st_size)
+    finally:
+        os.close(fd)
+    fs.boots.store.save(TraceFile(LayerId(fp, st.st_size, st.st_mtime_ns),
                                   fs.cache.chunk_size, "other-host", [boot]))
     async with trio.open_nursery() as nursery:
         await started(fs, nursery)
@@ -236,6 +241,7 @@ async def test_a_trace_save_keeps_the_layer_descriptor_open_until_it_is_done(
     boots = Boots(store, cache, workers, opts, lambda: 0)
     st = os.stat(data)
     layer = Layer((st.st_dev, st.st_ino), identity_of(st), "layer", os.open(data, os.O_RDONLY))
+    layer.trace_id = LayerId(fingerprint(layer.fd, st.st_size), st.st_size, st.st_mtime_ns)
 
     async def fill(offset: int, length: int) -> bytes:
         return os.pread(layer.fd, length, offset)

@@ -19,7 +19,13 @@ import pytest
 from scachefs.traces import decode as decode_trace
 from tests.conftest import MountFactory
 from tests.mounting import drop_caches, run
-from tests.test_boot_traces import boot_script, make_boot_base, replay, wait_for
+from tests.test_boot_traces import (
+    boot_script,
+    make_boot_base,
+    replay,
+    trace_file_name,
+    wait_for,
+)
 from tests.test_shadow_cache import layer_stats, overlay, stats
 
 MiB = 1 << 20
@@ -215,7 +221,7 @@ def test_the_boots_a_host_keeps_in_memory_are_bounded_like_its_file(
     base = make_boot_base(store)
     overlay(store, "vm.qcow2", "base.qcow2")
     mount = mount_factory(store, mnt, "allow_other", "record=on", "host_id=h1")
-    trace = store / ".scache" / "traces" / f"ino-{base.stat().st_ino}.h1.trace"
+    trace = store / ".scache" / "traces" / trace_file_name(base, "h1")
     for n in range(1, 11):  # more boots than the 8 a trace file keeps
         replay(mnt / "vm.qcow2", boot_script(seed=n, think_ms=0))
         deadline = time.monotonic() + 20

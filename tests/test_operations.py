@@ -280,3 +280,12 @@ def test_man_pages_render_and_cover_every_option() -> None:
                                env=env, capture_output=True, text=True, check=True).stdout
     for flag in ("--json", "--prometheus", "--watch", "--timeout", "--upgrade"):
         assert flag in stat_page
+
+
+def test_help_prints_percent_signs_as_such() -> None:
+    # The options text is an argparse epilog (RawDescriptionHelpFormatter): printed as
+    # written, so it must say "%" where it means "%".
+    out = subprocess.run([sys.executable, "-m", "scachefs", "--help"], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout
+    assert "default: 25% of RAM" in out and "2G, 10%\n" in out, out
+    assert "%%" not in out

@@ -21,7 +21,13 @@ from scachefs.traces import decode as traces_decode
 from tests import test_permissions
 from tests.conftest import MountFactory
 from tests.mounting import Mount, run
-from tests.test_boot_traces import boot_script, make_boot_base, replay_args, wait_for
+from tests.test_boot_traces import (
+    boot_script,
+    make_boot_base,
+    replay_args,
+    trace_file_name,
+    wait_for,
+)
 from tests.test_permissions import USER
 from tests.test_qemu_passthrough import make_base, qemu_io
 from tests.test_shadow_cache import layer_stats, overlay, stats
@@ -274,7 +280,7 @@ def test_trace_files_are_written_by_the_daemon_only_and_bounded(
                         "-F", "qcow2", mnt / "home" / "vm.qcow2")
     assert code == 0, out
     traces = store / ".scache" / "traces"
-    trace = traces / f"ino-{(store / 'base.qcow2').stat().st_ino}.h1.trace"
+    trace = traces / trace_file_name(store / "base.qcow2", "h1")
     for n in range(1, 11):  # more boots than the 8 a file keeps
         code, out = as_user(*replay_args(mnt / "home" / "vm.qcow2",
                                          boot_script(seed=n, think_ms=0)))
@@ -307,12 +313,12 @@ def test_trace_files_never_follow_symlinks(
     victim.write_bytes(b"untouched")
     traces = store / ".scache" / "traces"
     traces.mkdir(parents=True)
-    final = traces / f"ino-{base.stat().st_ino}.h1.trace"
+    final = traces / trace_file_name(base, "h1")
     final.symlink_to(victim)
     mount = mount_factory(store, mnt, "allow_other", "host_id=h1",
                           allow=("could not save the boot trace",))
-    # The temporary name carries the daemon's pid: plant it too.
-    (traces / f".{final.name}.{mount.pid}.tmp").symlink_to(victim)
+    # The temporary name carries the host id and the daemon's pid: plant it too.
+    (traces / f".{final.name}.h1.{mount.pid}.tmp").symlink_to(victim)
     run(*replay_args(mnt / "vm.qcow2", boot_script(think_ms=0)))
     deadline = time.monotonic() + 20
     while "could not save the boot trace" not in mount.log():
@@ -338,7 +344,7 @@ def test_a_failed_trace_save_does_not_stop_recording(
     traces.mkdir(parents=True)
     mount = mount_factory(store, mnt, "allow_other", "host_id=h1",
                           allow=("could not save the boot trace",))
-    blocker = traces / f".ino-{base.stat().st_ino}.h1.trace.{mount.pid}.tmp"
+    blocker = traces / f".{trace_file_name(base, 'h1')}.h1.{mount.pid}.tmp"
     blocker.mkdir()  # the store refuses this one save (EISDIR)
     run(*replay_args(mnt / "vm.qcow2", boot_script(think_ms=0)))
     deadline = time.monotonic() + 20
@@ -350,7 +356,7 @@ def test_a_failed_trace_save_does_not_stop_recording(
     time.sleep(1.5)
     layer = layer_stats(mnt, "base.qcow2")
     assert layer["trace"]["status"] == "ready", layer["trace"]
-    assert (traces / f"ino-{base.stat().st_ino}.h1.trace").exists()
+    assert (traces / trace_file_name(base, "h1")).exists()
 
 
 def test_a_trace_directory_that_is_a_symlink_is_refused(

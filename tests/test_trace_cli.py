@@ -75,3 +75,37 @@ def test_warm_shows_progress_and_fills_the_cache(store: Path, mnt: Path,
     assert layer_stats(mnt, "base.qcow2")["resident_bytes"] >= first["trace"]["bytes"]
     result = run(*TOOL, "warm", mnt, "vm.qcow2", check=False, timeout=60)
     assert result.returncode != 0 and "not a backing layer" in result.stderr
+
+
+def test_the_mount_point_works_like_the_store(store: Path, mnt: Path, tmp_path: Path,
+                                              mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=stage")
+    mount_factory(store, mnt, "allow_other")
+    # The mount hides .scache: the tool finds the store and the traces through it.
+    assert not (mnt / ".scache").exists()
+    assert json.loads(tool("list", "--json", mnt)) == json.loads(tool("list", "--json", store))
+    assert "host stage" in tool("show", mnt, "base.qcow2")
+    exported = tmp_path / "base.trace"
+    tool("export", mnt, "base.qcow2", exported)
+    tool("delete", mnt, "base.qcow2")
+    assert "(no traces)" in tool("list", store)
+    tool("import", mnt, "base.qcow2", exported)
+    assert "base.qcow2" in tool("list", mnt)
+    # A mount that keeps no traces says so.
+    other = tmp_path / "other-mnt"
+    other.mkdir()
+    mount_factory(store, other, "record=off", "prefetch=off")
+    result = run(*TOOL, "list", other, check=False)
+    assert result.returncode != 0 and "keeps no traces" in result.stderr
+
+
+def test_a_mount_over_the_store_is_reached_through_the_daemon(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=stage")
+    mount_factory(store, store, "allow_other")  # hides the store and its .scache
+    assert not (store / ".scache").exists()
+    rows = json.loads(tool("list", "--json", store))["traces"]
+    assert [(r["layer"], r["hosts"]) for r in rows] == [("base.qcow2", ["stage"])]
+    assert "working set:" in tool("show", store, "base.qcow2")

@@ -43,19 +43,27 @@ CS = 4 * KiB  # the chunk size used by most tests
 
 # The on-disk layout, spelled out independently of the module's private structs so a
 # change of the format (field order, widths, endianness) makes the tests fail.
-HEADER = struct.Struct("<8sHHIQQQ64sII")
+HEADER = struct.Struct("<8sHHI16sQQ64s256sII")
 BOOT = struct.Struct("<QIIQI")
 ENTRY = struct.Struct("<QIQ")
 TRAILER = struct.Struct("<Q")
-HEADER_FIELDS = ("magic", "version", "reserved", "chunk_size", "ino", "size", "mtime_ns",
-                 "host", "boots", "entries")
+HEADER_FIELDS = ("magic", "version", "reserved", "chunk_size", "fingerprint", "size",
+                 "mtime_ns", "host", "path", "boots", "entries")
 # byte ranges of the header fields
 OFF_MAGIC = range(0, 8)
 OFF_VERSION = range(8, 10)
 OFF_CHUNK_SIZE = range(12, 16)
-OFF_COUNTS = range(104, 112)
+OFF_COUNTS = range(368, 376)
 
-LAYER = LayerId(ino=7, size=64 * MiB, mtime_ns=1_700_000_000_123_456_789)
+
+
+def fp(n: int) -> bytes:
+    """A made-up 16-byte layer fingerprint."""
+    return n.to_bytes(16, "little")
+
+
+LAYER = LayerId(fp(7), size=64 * MiB, mtime_ns=1_700_000_000_123_456_789)
+PREFIX = f"fp-{LAYER.hex}"
 
 
 def boot(started: int, chunks: list[tuple[int, int, int]], *, duration_ms: int = 1500,
@@ -98,10 +106,10 @@ def patch_boot_count(data: bytes, index: int, count: int) -> bytes:
     return reseal(data[:offset] + BOOT.pack(*fields) + data[offset + BOOT.size:])
 
 
-def decode_error(data: bytes, expect_ino: int | None = None) -> str:
+def decode_error(data: bytes, fingerprint: bytes | None = None) -> str:
     """decode must raise TraceError (pytest.raises fails on any other exception)."""
     with pytest.raises(TraceError) as info:
-        decode(data, expect_ino)
+        decode(data, fingerprint=fingerprint)
     return str(info.value)
 
 
@@ -113,7 +121,7 @@ def test_round_trip_several_boots() -> None:
     original = sample_trace()
     data = encode(original)
     assert decode(data) == original
-    assert decode(data, expect_ino=LAYER.ino) == original
+    assert decode(data, fingerprint=LAYER.fingerprint) == original
 
 
 def test_round_trip_empty_boot_list() -> None:
@@ -131,13 +139,13 @@ def test_round_trip_host_names(host: str) -> None:
 
 
 def test_encoding_matches_the_documented_layout() -> None:
-    layer = LayerId(ino=0x0102030405060708, size=10 * CS, mtime_ns=99)
+    layer = LayerId(fp(0x0102030405060708), size=10 * CS, mtime_ns=99)
     original = trace([boot(11, [(1, 5, 0xAA), (2, 6, 0xBB)], duration_ms=22, requests=33,
                            nbytes=44),
                       boot(12, [(9, 0, 0xCC)], duration_ms=1, requests=2, nbytes=3)],
                      host="h1", layer=layer)
-    body = (HEADER.pack(b"SCTRACE\0", 1, 0, CS, layer.ino, layer.size, 99,
-                        b"h1".ljust(64, b"\0"), 2, 3)
+    body = (HEADER.pack(b"SCTRACE\0", 2, 0, CS, layer.fingerprint, layer.size, 99,
+                        b"h1".ljust(64, b"\0"), b"".ljust(256, b"\0"), 2, 3)
             + BOOT.pack(11, 22, 33, 44, 2) + BOOT.pack(12, 1, 2, 3, 1)
             + ENTRY.pack(1, 5, 0xAA) + ENTRY.pack(2, 6, 0xBB) + ENTRY.pack(9, 0, 0xCC))
     expected = body + TRAILER.pack(xxhash.xxh3_64_intdigest(body))
@@ -166,7 +174,7 @@ def test_encode_keeps_only_the_most_recent_boots() -> None:
 def test_encode_refuses_too_many_entries() -> None:
     entries = [(0, 0, 0)] * (MAX_ENTRIES + 1)  # one shared tuple: cheap
     with pytest.raises(TraceError, match="too large"):
-        encode(trace([boot(1, entries)], layer=LayerId(7, 1 << 40, 0)))
+        encode(trace([boot(1, entries)], layer=LayerId(fp(7), 1 << 40, 0)))
 
 
 def test_encode_counts_only_the_kept_boots_against_the_entry_limit() -> None:
@@ -190,23 +198,25 @@ def test_encode_counts_only_the_kept_boots_against_the_entry_limit() -> None:
     ("hôte主机", "h_te__"),  # non-ASCII becomes _: portable names on any store
 ])
 def test_file_name_sanitises(host: str, safe: str) -> None:
-    name = file_name(123, host)
+    name = file_name(fp(123), host)
     assert isinstance(name, bytes)
-    assert name == f"ino-123.{safe}{SUFFIX}".encode()
+    assert name == f"fp-{fp(123).hex()}.{safe}{SUFFIX}".encode()
 
 
 @pytest.mark.parametrize("host", ["a/b", "..", ".", "/", "a\0b", "..\\x", "a.b.c", "\udcff"])
 def test_file_name_is_a_single_safe_component(host: str) -> None:
-    name = file_name(5, host)
+    name = file_name(fp(5), host)
     assert b"/" not in name and b"\0" not in name
-    assert name.startswith(b"ino-5.") and name.endswith(SUFFIX.encode())
+    assert name.startswith(f"fp-{fp(5).hex()}.".encode()) and name.endswith(SUFFIX.encode())
     assert name.count(b".") == 2  # the host part has no dot: no "..", no suffix games
     assert name not in (b".", b"..")
 
 
-def test_file_names_of_different_inodes_do_not_share_a_prefix() -> None:
-    # load() selects by the prefix "ino-<ino>.": inode 5 must not pick up inode 55
-    assert not file_name(55, "h").startswith(b"ino-5.")
+def test_file_names_of_different_layers_do_not_share_a_prefix() -> None:
+    # load() selects by the prefix "fp-<fingerprint>.": one layer never picks up another's
+    assert not file_name(fp(5 << 120), "h").startswith(f"fp-{fp(5).hex()}.".encode())
+    with pytest.raises(TraceError):
+        file_name(b"short", "h")
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,7 +264,7 @@ def test_wrong_magic(magic: bytes) -> None:
     assert "magic" in decode_error(patch_header(encode(sample_trace()), magic=magic))
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 3, 0xFFFF])
 def test_wrong_version(version: int) -> None:
     message = decode_error(patch_header(encode(sample_trace()), version=version))
     assert "version" in message and str(version) in message
@@ -285,18 +295,18 @@ def test_oversized_data() -> None:
 
 def test_trace_of_another_layer() -> None:
     data = encode(sample_trace())
-    message = decode_error(data, expect_ino=LAYER.ino + 1)
-    assert "another layer" in message and str(LAYER.ino) in message
-    assert decode(data, expect_ino=LAYER.ino).layer == LAYER
+    message = decode_error(data, fingerprint=fp(8))
+    assert "another layer" in message and LAYER.hex in message
+    assert decode(data, fingerprint=LAYER.fingerprint).layer == LAYER
 
 
-def test_expect_ino_zero_is_checked() -> None:
-    # 0 is falsy: the check must be "is not None", not truthiness
-    assert "another layer" in decode_error(encode(sample_trace()), expect_ino=0)
+def test_an_all_zero_fingerprint_is_checked() -> None:
+    # the check must be "is not None", not truthiness
+    assert "another layer" in decode_error(encode(sample_trace()), fingerprint=bytes(16))
 
 
 def test_chunk_past_the_end_of_the_layer() -> None:
-    layer = LayerId(7, 2 * CS + 100, 0)  # chunks 0, 1 and a partial chunk 2
+    layer = LayerId(fp(7), 2 * CS + 100, 0)  # chunks 0, 1 and a partial chunk 2
     assert decode(encode(trace([boot(1, [(2, 0, 0)])], layer=layer))).boots[0].chunks
     message = decode_error(encode(trace([boot(1, [(0, 0, 0), (3, 0, 0)])], layer=layer)))
     assert "past the end" in message and "chunk 3" in message
@@ -305,7 +315,7 @@ def test_chunk_past_the_end_of_the_layer() -> None:
 
 
 def test_chunk_at_exact_layer_end_is_past_the_end() -> None:
-    layer = LayerId(7, 2 * CS, 0)  # exactly chunks 0 and 1
+    layer = LayerId(fp(7), 2 * CS, 0)  # exactly chunks 0 and 1
     assert "past the end" in decode_error(encode(trace([boot(1, [(2, 0, 0)])], layer=layer)))
 
 
@@ -352,7 +362,7 @@ def test_trace_error_is_a_value_error() -> None:
 
 
 VALID = encode(sample_trace())
-VALID_PREFIX = MAGIC + struct.pack("<HHI", 1, 0, CS)
+VALID_PREFIX = MAGIC + struct.pack("<HHI", 2, 0, CS)
 
 mutation = st.tuples(
     st.sampled_from(["flip", "set", "insert", "delete", "truncate", "extend"]),
@@ -368,7 +378,8 @@ def check_decode(data: bytes) -> None:
         assert str(exc)  # always says what is wrong
         return
     assert isinstance(result, TraceFile)
-    assert decode(encode(result)) == result  # whatever is accepted is a consistent trace
+    if result.version == traces.VERSION:  # format 1 is read, never written
+        assert decode(encode(result)) == result  # whatever is accepted is consistent
 
 
 def mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
@@ -418,7 +429,8 @@ u64 = st.integers(min_value=0, max_value=2**64 - 1)
 @given(header=st.fixed_dictionaries({}, optional={
            "version": st.sampled_from([0, 1, 2]),
            "chunk_size": st.sampled_from([0, 4096, 4097, 1 << 20, 1 << 21]),
-           "ino": u64,
+           "fingerprint": st.binary(min_size=16, max_size=16),
+           "path": st.binary(max_size=256),
            "size": st.one_of(st.integers(0, 1 << 22), u64),
            "host": st.binary(max_size=64),
            "boots": st.one_of(st.integers(0, 10), u32),
@@ -440,7 +452,7 @@ def trace_files(draw: st.DrawFn) -> TraceFile:
     chunk_size = 1 << draw(st.integers(12, 20))
     nchunks = draw(st.integers(1, 1000))
     size = draw(st.integers((nchunks - 1) * chunk_size + 1, nchunks * chunk_size))
-    layer = LayerId(draw(u64), size, draw(u64))
+    layer = LayerId(draw(st.binary(min_size=16, max_size=16)), size, draw(u64))
     host = draw(st.text(max_size=64).filter(
         lambda h: len(h.encode("utf-8", "surrogatepass")) <= 64 and not h.endswith("\0")))
     try:
@@ -456,7 +468,7 @@ def trace_files(draw: st.DrawFn) -> TraceFile:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(original=trace_files())
 def test_round_trip_property(original: TraceFile) -> None:
-    assert decode(encode(original), expect_ino=original.layer.ino) == original
+    assert decode(encode(original), fingerprint=original.layer.fingerprint) == original
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,8 +524,8 @@ def test_merge_ignores_other_chunk_sizes() -> None:
 
 
 def test_merge_current_flag() -> None:
-    stale = LayerId(LAYER.ino, LAYER.size, LAYER.mtime_ns + 1)
-    resized = LayerId(LAYER.ino, LAYER.size + CS, LAYER.mtime_ns)
+    stale = LayerId(LAYER.fingerprint, LAYER.size, LAYER.mtime_ns + 1_000_000_000)
+    resized = LayerId(LAYER.fingerprint, LAYER.size + CS, LAYER.mtime_ns)
     now = trace([boot(100, [(1, 1, 1)])], host="a")
     old = trace([boot(200, [(2, 1, 1)])], host="b", layer=stale)
     grown = trace([boot(300, [(3, 1, 1)])], host="c", layer=resized)
@@ -716,17 +728,17 @@ def test_store_save_then_load(trace_dir: Path, dir_fd: int) -> None:
     store = TraceStore(dir_fd, "node1")
     original = sample_trace()
     name = store.save(original)
-    assert name == file_name(LAYER.ino, "node1").decode()
+    assert name == file_name(LAYER.fingerprint, "node1").decode()
     assert names(trace_dir) == [name]
     assert (trace_dir / name).read_bytes() == encode(original)
-    assert store.load(LAYER.ino) == ([original], [])
-    assert store.load(LAYER.ino) == ([original], [])  # the directory is rescanned
-    assert store.load(LAYER.ino + 1) == ([], [])
+    assert store.load(LAYER) == ([original], [])
+    assert store.load(LAYER) == ([original], [])  # the directory is rescanned
+    assert store.load(LayerId(fp(8), LAYER.size, LAYER.mtime_ns)) == ([], [])
 
 
 def test_store_file_name_uses_the_store_host(trace_dir: Path, dir_fd: int) -> None:
     name = TraceStore(dir_fd, "a/b c").save(trace([], host="other"))
-    assert name == "ino-7.a_b_c.trace"
+    assert name == f"{PREFIX}.a_b_c.trace"
     assert names(trace_dir) == [name]
 
 
@@ -743,17 +755,17 @@ def test_store_save_replaces_atomically(trace_dir: Path, dir_fd: int) -> None:
     finally:
         os.close(old_fd)
     assert names(trace_dir) == [name]  # no temp files left
-    assert store.load(LAYER.ino) == ([second], [])
+    assert store.load(LAYER) == ([second], [])
 
 
 def test_store_save_over_a_stale_temp_file(trace_dir: Path, dir_fd: int) -> None:
-    name = file_name(LAYER.ino, "node1")
-    stale = b"." + name + f".{os.getpid()}.tmp".encode()
+    name = file_name(LAYER.fingerprint, "node1")
+    stale = b"." + name + f".node1.{os.getpid()}.tmp".encode()
     (trace_dir / os.fsdecode(stale)).write_bytes(b"junk" * 10000)
     store = TraceStore(dir_fd, "node1")
     store.save(sample_trace())
     assert names(trace_dir) == [name.decode()]
-    assert store.load(LAYER.ino) == ([sample_trace()], [])
+    assert store.load(LAYER) == ([sample_trace()], [])
 
 
 def test_store_failed_encode_writes_nothing(trace_dir: Path, dir_fd: int) -> None:
@@ -768,7 +780,7 @@ def test_store_loads_every_host(dir_fd: int) -> None:
     b = trace([boot(2, [(2, 2, 2)])], host="b")
     TraceStore(dir_fd, "a").save(a)
     TraceStore(dir_fd, "b").save(b)
-    good, bad = TraceStore(dir_fd, "a").load(LAYER.ino)
+    good, bad = TraceStore(dir_fd, "a").load(LAYER)
     assert sorted(good, key=lambda t: t.host) == [a, b]
     assert bad == []
 
@@ -777,66 +789,69 @@ def test_store_respects_max_boots_per_file(dir_fd: int) -> None:
     store = TraceStore(dir_fd, "node1")
     boots = [boot(i, [(i, 0, 0)]) for i in range(MAX_BOOTS_PER_FILE * 2)]
     store.save(trace(boots))
-    (loaded,), bad = store.load(LAYER.ino)
+    (loaded,), bad = store.load(LAYER)
     assert bad == []
     assert loaded.boots == boots[-MAX_BOOTS_PER_FILE:]
 
 
 def test_store_load_ignores_other_files(trace_dir: Path, dir_fd: int) -> None:
     valid = encode(sample_trace())
-    other = encode(trace([], layer=LayerId(55, CS, 0)))
-    (trace_dir / "ino-55.h.trace").write_bytes(other)
-    (trace_dir / "ino-70.h.trace").write_bytes(b"garbage")
-    (trace_dir / "ino-7.h.trace.old").write_bytes(b"garbage")
-    (trace_dir / "ino-7.h.trace.1.tmp").write_bytes(b"garbage")
-    (trace_dir / ".ino-7.h.trace.123.tmp").write_bytes(b"garbage")
-    (trace_dir / "xino-7.h.trace").write_bytes(b"garbage")
-    (trace_dir / "ino-7.h.trace").write_bytes(valid)
-    assert TraceStore(dir_fd, "me").load(LAYER.ino) == ([sample_trace()], [])
-    assert TraceStore(dir_fd, "me").load(55) == ([trace([], layer=LayerId(55, CS, 0))], [])
+    other_layer = LayerId(fp(55), CS, 0)
+    other = encode(trace([], layer=other_layer))
+    (trace_dir / f"fp-{other_layer.hex}.h.trace").write_bytes(other)
+    (trace_dir / f"fp-{fp(70).hex()}.h.trace").write_bytes(b"garbage")
+    (trace_dir / f"{PREFIX}.h.trace.old").write_bytes(b"garbage")
+    (trace_dir / f"{PREFIX}.h.trace.1.tmp").write_bytes(b"garbage")
+    (trace_dir / f".{PREFIX}.h.trace.123.tmp").write_bytes(b"garbage")
+    (trace_dir / f"x{PREFIX}.h.trace").write_bytes(b"garbage")
+    (trace_dir / "ino-7.h.trace").write_bytes(b"garbage")  # format 1: only with an inode
+    (trace_dir / f"{PREFIX}.h.trace").write_bytes(valid)
+    assert TraceStore(dir_fd, "me").load(LAYER) == ([sample_trace()], [])
+    assert TraceStore(dir_fd, "me").load(other_layer) == ([trace([], layer=other_layer)], [])
 
 
 def test_store_load_reports_corrupt_files(trace_dir: Path, dir_fd: int) -> None:
     data = bytearray(encode(sample_trace()))
     data[200] ^= 0x10
-    (trace_dir / "ino-7.bad.trace").write_bytes(bytes(data))
-    (trace_dir / "ino-7.short.trace").write_bytes(b"SCTRACE\0")
-    (trace_dir / "ino-7.empty.trace").write_bytes(b"")
-    (trace_dir / "ino-7.good.trace").write_bytes(encode(sample_trace()))
-    good, bad = TraceStore(dir_fd, "me").load(LAYER.ino)
+    (trace_dir / f"{PREFIX}.bad.trace").write_bytes(bytes(data))
+    (trace_dir / f"{PREFIX}.short.trace").write_bytes(b"SCTRACE\0")
+    (trace_dir / f"{PREFIX}.empty.trace").write_bytes(b"")
+    (trace_dir / f"{PREFIX}.good.trace").write_bytes(encode(sample_trace()))
+    good, bad = TraceStore(dir_fd, "me").load(LAYER)
     assert good == [sample_trace()]
     reasons = dict(bad)
-    assert set(reasons) == {"ino-7.bad.trace", "ino-7.short.trace", "ino-7.empty.trace"}
-    assert "checksum" in reasons["ino-7.bad.trace"]
-    assert "truncated" in reasons["ino-7.short.trace"]
-    assert "truncated" in reasons["ino-7.empty.trace"]
+    assert set(reasons) == {f"{PREFIX}.bad.trace", f"{PREFIX}.short.trace", f"{PREFIX}.empty.trace"}
+    assert "checksum" in reasons[f"{PREFIX}.bad.trace"]
+    assert "truncated" in reasons[f"{PREFIX}.short.trace"]
+    assert "truncated" in reasons[f"{PREFIX}.empty.trace"]
 
 
 def test_store_load_reports_a_trace_of_another_layer(trace_dir: Path, dir_fd: int) -> None:
-    # renamed or copied by hand: its name says inode 7, its content inode 8
-    (trace_dir / "ino-7.h.trace").write_bytes(encode(trace([], layer=LayerId(8, CS, 0))))
-    assert TraceStore(dir_fd, "me").load(7) == (
-        [], [("ino-7.h.trace", "trace of another layer (inode 8, expected 7)")])
+    # renamed or copied by hand: its name says one layer, its content another
+    (trace_dir / f"{PREFIX}.h.trace").write_bytes(encode(trace([], layer=LayerId(fp(8), CS, 0))))
+    assert TraceStore(dir_fd, "me").load(LAYER) == (
+        [], [(f"{PREFIX}.h.trace", f"trace of another layer (fingerprint {fp(8).hex()}, "
+              f"expected {LAYER.hex})")])
 
 
 def test_store_load_reports_an_oversized_file(trace_dir: Path, dir_fd: int) -> None:
     for size in (MAX_FILE_BYTES + 1, 1 << 30):  # sparse; judged by fstat, not by reading
-        path = trace_dir / "ino-7.big.trace"
+        path = trace_dir / f"{PREFIX}.big.trace"
         with path.open("wb") as f:
             f.truncate(size)
-        good, bad = TraceStore(dir_fd, "me").load(LAYER.ino)
+        good, bad = TraceStore(dir_fd, "me").load(LAYER)
         assert good == []
-        assert len(bad) == 1 and bad[0][0] == "ino-7.big.trace"
+        assert len(bad) == 1 and bad[0][0] == f"{PREFIX}.big.trace"
         assert "oversized" in bad[0][1] and str(size) in bad[0][1]
 
 
 def test_store_load_accepts_a_file_at_the_size_limit_boundary(trace_dir: Path,
                                                               dir_fd: int) -> None:
     # exactly MAX_FILE_BYTES passes the size check and fails only on content
-    path = trace_dir / "ino-7.limit.trace"
+    path = trace_dir / f"{PREFIX}.limit.trace"
     with path.open("wb") as f:
         f.truncate(MAX_FILE_BYTES)
-    (_, reason), = TraceStore(dir_fd, "me").load(LAYER.ino)[1]
+    (_, reason), = TraceStore(dir_fd, "me").load(LAYER)[1]
     assert "oversized" not in reason
 
 
@@ -844,36 +859,36 @@ def test_store_load_does_not_follow_symlinks(tmp_path: Path, trace_dir: Path,
                                              dir_fd: int) -> None:
     target = tmp_path / "outside.trace"
     target.write_bytes(encode(sample_trace()))
-    (trace_dir / "ino-7.link.trace").symlink_to(target)
-    (trace_dir / "ino-7.dangling.trace").symlink_to(tmp_path / "missing")
-    good, bad = TraceStore(dir_fd, "me").load(LAYER.ino)
+    (trace_dir / f"{PREFIX}.link.trace").symlink_to(target)
+    (trace_dir / f"{PREFIX}.dangling.trace").symlink_to(tmp_path / "missing")
+    good, bad = TraceStore(dir_fd, "me").load(LAYER)
     assert good == []
-    assert sorted(name for name, _ in bad) == ["ino-7.dangling.trace", "ino-7.link.trace"]
+    assert sorted(name for name, _ in bad) == [f"{PREFIX}.dangling.trace", f"{PREFIX}.link.trace"]
     assert all(reason == os.strerror(errno.ELOOP) for _, reason in bad)
 
 
 def test_store_load_reports_a_directory(trace_dir: Path, dir_fd: int) -> None:
-    (trace_dir / "ino-7.dir.trace").mkdir()
-    (trace_dir / "ino-7.good.trace").write_bytes(encode(sample_trace()))
-    assert TraceStore(dir_fd, "me").load(LAYER.ino) == (
-        [sample_trace()], [("ino-7.dir.trace", "not a regular file")])
+    (trace_dir / f"{PREFIX}.dir.trace").mkdir()
+    (trace_dir / f"{PREFIX}.good.trace").write_bytes(encode(sample_trace()))
+    assert TraceStore(dir_fd, "me").load(LAYER) == (
+        [sample_trace()], [(f"{PREFIX}.dir.trace", "not a regular file")])
 
 
 @pytest.mark.timeout(10)
 def test_store_load_reports_a_fifo_without_blocking(trace_dir: Path, dir_fd: int) -> None:
-    os.mkfifo(trace_dir / "ino-7.fifo.trace")
-    assert TraceStore(dir_fd, "me").load(LAYER.ino) == (
-        [], [("ino-7.fifo.trace", "not a regular file")])
+    os.mkfifo(trace_dir / f"{PREFIX}.fifo.trace")
+    assert TraceStore(dir_fd, "me").load(LAYER) == (
+        [], [(f"{PREFIX}.fifo.trace", "not a regular file")])
 
 
 def test_store_load_reports_undecodable_file_names(trace_dir: Path, dir_fd: int) -> None:
-    raw = os.path.join(os.fsencode(trace_dir), b"ino-7.\xff.trace")
+    raw = os.path.join(os.fsencode(trace_dir), PREFIX.encode() + b".\xff.trace")
     with open(raw, "wb") as f:
         f.write(b"junk")
-    good, bad = TraceStore(dir_fd, "me").load(LAYER.ino)
+    good, bad = TraceStore(dir_fd, "me").load(LAYER)
     assert good == []
     assert [(os.fsencode(name), "truncated" in reason) for name, reason in bad] == [
-        (b"ino-7.\xff.trace", True)]
+        (PREFIX.encode() + b".\xff.trace", True)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -889,7 +904,7 @@ def test_long_unicode_host_round_trips() -> None:
 def test_encode_never_produces_an_oversized_file() -> None:
     n = MAX_ENTRIES
     boots = [boot(i, [(0, 0, 0)] * (n // 5 + (i < n % 5))) for i in range(5)]
-    original = trace(boots, layer=LayerId(7, 1 << 30, 0))
+    original = trace(boots, layer=LayerId(fp(7), 1 << 30, 0))
     try:
         data = encode(original)
     except TraceError:
@@ -899,7 +914,7 @@ def test_encode_never_produces_an_oversized_file() -> None:
 
 
 def test_store_failed_rename_leaves_no_temp_file(trace_dir: Path, dir_fd: int) -> None:
-    name = file_name(LAYER.ino, "node1").decode()
+    name = file_name(LAYER.fingerprint, "node1").decode()
     (trace_dir / name).mkdir()
     with pytest.raises(OSError):
         TraceStore(dir_fd, "node1").save(sample_trace())
@@ -908,12 +923,181 @@ def test_store_failed_rename_leaves_no_temp_file(trace_dir: Path, dir_fd: int) -
 
 def test_store_save_with_a_long_unicode_host(dir_fd: int) -> None:
     host = "\U00020000" * 64  # a CJK letter (isalnum), 4 bytes of UTF-8
-    assert len(file_name(2**64 - 1, host)) <= 255
+    assert len(file_name(b"\xff" * 16, host)) <= 255
     TraceStore(dir_fd, host).save(sample_trace())
 
 
 def test_module_constants_are_consistent() -> None:
-    assert traces.VERSION == 1
+    assert traces.VERSION == 2
     assert MAGIC == b"SCTRACE\0"
     assert HEADER.size + TRAILER.size <= MAX_FILE_BYTES
     assert MAX_BOOTS_PER_FILE <= RECENT_BOOTS
+
+
+# ---------------------------------------------------------------------------------------
+# the layer fingerprint: the same on every host for the same bytes
+
+
+def _file(path: Path, data: bytes) -> int:
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def fingerprint_of(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return traces.fingerprint(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def test_fingerprint_follows_the_bytes_not_the_name_inode_or_mtime(tmp_path: Path) -> None:
+    data = os.urandom(8 * MiB)
+    a, b = tmp_path / "a.qcow2", tmp_path / "copy.qcow2"
+    a.write_bytes(data)
+    b.write_bytes(data)  # a copy: another inode, another name, another mtime
+    os.utime(b, ns=(1, 1))
+    assert os.stat(a).st_ino != os.stat(b).st_ino
+    assert fingerprint_of(a) == fingerprint_of(b)
+    assert len(fingerprint_of(a)) == 16
+    os.link(a, tmp_path / "link.qcow2")
+    (tmp_path / "link.qcow2").rename(tmp_path / "renamed.qcow2")
+    assert fingerprint_of(tmp_path / "renamed.qcow2") == fingerprint_of(a)
+
+
+@pytest.mark.parametrize("offset", [0, 100, 64 * KiB - 1, 8 * MiB - 1, 4 * MiB - 1,
+                                    2 * MiB - 4 * KiB + 5])
+def test_fingerprint_changes_with_the_bytes_it_samples(tmp_path: Path, offset: int) -> None:
+    data = bytearray(os.urandom(8 * MiB))
+    a = tmp_path / "a"
+    a.write_bytes(data)
+    before = fingerprint_of(a)
+    data[offset] ^= 1
+    a.write_bytes(data)
+    assert fingerprint_of(a) != before
+
+
+def test_fingerprint_changes_with_the_size_and_hashes_small_files_whole(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.write_bytes(b"\0" * MiB)
+    zeros = fingerprint_of(a)
+    a.write_bytes(b"\0" * (MiB + 1))
+    assert fingerprint_of(a) != zeros
+    data = bytearray(b"\0" * MiB)
+    data[300 * KiB] = 1  # a byte no sample of a large file would see
+    a.write_bytes(data)
+    assert fingerprint_of(a) != zeros
+
+
+def test_fingerprint_does_not_see_every_byte_of_a_large_file(tmp_path: Path) -> None:
+    # The limit the per-chunk digests cover: a byte between the samples.
+    data = bytearray(os.urandom(8 * MiB))
+    a = tmp_path / "a"
+    a.write_bytes(data)
+    before = fingerprint_of(a)
+    data[3 * MiB + 5 * KiB] ^= 1
+    a.write_bytes(data)
+    assert fingerprint_of(a) == before
+
+
+def test_fingerprint_covers_a_qcow2_l1_table(tmp_path: Path) -> None:
+    data = bytearray(os.urandom(8 * MiB))
+    l1_offset = 3 * MiB + 64 * KiB  # not the head, not a sampled block
+    data[0:4] = b"QFI\xfb"
+    data[36:48] = struct.pack(">IQ", 4, l1_offset)
+    a = tmp_path / "a.qcow2"
+    a.write_bytes(data)
+    before = fingerprint_of(a)
+    data[l1_offset + 17] ^= 1
+    a.write_bytes(data)
+    assert fingerprint_of(a) != before
+
+
+def test_same_version_compares_mtime_to_the_precision_both_sides_have() -> None:
+    ns = LAYER.mtime_ns
+    sshfs_view = LayerId(LAYER.fingerprint, LAYER.size, ns // 10**9 * 10**9)
+    assert LAYER.same_version(sshfs_view) and sshfs_view.same_version(LAYER)
+    assert not LAYER.same_version(LayerId(LAYER.fingerprint, LAYER.size, ns + 10**9))
+    # both precise: a rewrite within the same second is another version
+    assert not LAYER.same_version(LayerId(LAYER.fingerprint, LAYER.size, ns + 1))
+    assert not sshfs_view.same_version(
+        LayerId(LAYER.fingerprint, LAYER.size, sshfs_view.mtime_ns + 10**9))
+    assert not LAYER.same_version(LayerId(fp(8), LAYER.size, ns))
+    assert not LAYER.same_version(LayerId(LAYER.fingerprint, LAYER.size + 1, ns))
+    assert not LayerId(b"", 1, 0).same_version(LayerId(b"", 1, 0))  # format 1: no key
+
+
+def test_merge_prefers_the_boots_recorded_on_the_layer_as_it_is_now() -> None:
+    old_layer = LayerId(LAYER.fingerprint, LAYER.size, LAYER.mtime_ns - 10**9)
+    old = trace([boot(1, [(1, 0, 11), (2, 1, 22)])], host="a", layer=old_layer)
+    now = trace([boot(2, [(3, 0, 33)])], host="b")
+    ws = merge([old, now], LAYER, CS)
+    assert ws is not None and ws.current and ws.chunks == [3] and ws.boots == 1
+    ws = merge([old], LAYER, CS)  # nothing current: every boot, checked by digests
+    assert ws is not None and not ws.current and ws.chunks == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------
+# format 1 (keyed by inode number): read, and migrated once
+
+V1_HEADER = struct.Struct("<8sHHIQQQ64sII")
+
+
+def encode_v1(ino: int, size: int, mtime_ns: int, host: str, boots: list[Boot],
+              chunk_size: int = CS) -> bytes:
+    """A format-1 file as scachefs wrote them before fingerprints."""
+    entries = [e for b in boots for e in b.chunks]
+    body = V1_HEADER.pack(MAGIC, 1, 0, chunk_size, ino, size, mtime_ns,
+                          host.encode().ljust(64, b"\0"), len(boots), len(entries))
+    body += b"".join(BOOT.pack(b.started, b.duration_ms, b.requests, b.bytes, len(b.chunks))
+                     for b in boots)
+    body += b"".join(ENTRY.pack(*e) for e in entries)
+    return body + TRAILER.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def test_format_1_files_are_read() -> None:
+    boots = [boot(5, [(1, 2, 3)])]
+    decoded = decode(encode_v1(42, LAYER.size, 9, "old", boots), ino=42)
+    assert decoded.version == 1 and decoded.layer == LayerId(b"", LAYER.size, 9, ino=42)
+    assert decoded.host == "old" and decoded.boots == boots
+    assert "inode 42, expected 43" in decode_error_v1(encode_v1(42, LAYER.size, 9, "o", []), 43)
+    with pytest.raises(TraceError, match="format-1"):
+        decode(encode_v1(42, LAYER.size, 9, "old", boots), fingerprint=LAYER.fingerprint)
+
+
+def decode_error_v1(data: bytes, ino: int) -> str:
+    with pytest.raises(TraceError) as info:
+        decode(data, ino=ino)
+    return str(info.value)
+
+
+def test_format_1_files_are_migrated_once(trace_dir: Path, dir_fd: int) -> None:
+    old_boots = [boot(100, [(1, 0, 11)]), boot(200, [(2, 5, 22)])]
+    (trace_dir / "ino-7.hostA.trace").write_bytes(
+        encode_v1(7, LAYER.size, LAYER.mtime_ns, "hostA", old_boots))
+    # the same inode number, another layer (another size): not this layer's, left alone
+    (trace_dir / "ino-7.hostB.trace").write_bytes(
+        encode_v1(7, LAYER.size * 2, LAYER.mtime_ns, "hostB", old_boots))
+    (trace_dir / "ino-8.hostA.trace").write_bytes(
+        encode_v1(8, LAYER.size, LAYER.mtime_ns, "hostA", old_boots))
+    store = TraceStore(dir_fd, "me")
+    assert store.load(LAYER) == ([], [])  # without an inode number: no migration
+    good, bad = store.load(LAYER, "base.qcow2", ino=7)
+    assert bad == []
+    migrated = TraceFile(LAYER, CS, "hostA", old_boots, "base.qcow2")
+    assert good == [migrated]
+    assert names(trace_dir) == sorted([f"{PREFIX}.hostA.trace", "ino-7.hostB.trace",
+                                       "ino-8.hostA.trace"])
+    assert merge(good, LAYER, CS).current  # type: ignore[union-attr]
+    # once: the next load reads the format-2 file
+    assert store.load(LAYER, "base.qcow2", ino=7) == ([migrated], [])
+
+
+def test_format_1_boots_join_the_host_file_of_format_2(trace_dir: Path, dir_fd: int) -> None:
+    newer = trace([boot(300, [(3, 0, 33)])], host="hostA")
+    TraceStore(dir_fd, "hostA").save(newer)
+    (trace_dir / "ino-7.hostA.trace").write_bytes(
+        encode_v1(7, LAYER.size, LAYER.mtime_ns, "hostA", [boot(100, [(1, 0, 11)])]))
+    (good,), bad = TraceStore(dir_fd, "me").load(LAYER, "base.qcow2", ino=7)
+    assert bad == [] and [b.started for b in good.boots] == [100, 300]
+    assert names(trace_dir) == [f"{PREFIX}.hostA.trace"]
