@@ -48,11 +48,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def main() -> int:
@@ -91,6 +91,8 @@ def main() -> int:
         rows = [("1 MiB seq, O_DIRECT, QD1", "read", "1M", 1),
                 ("4 KiB rand, O_DIRECT, QD8", "randread", "4k", 8)]
         for label, rw, bs, depth in rows:
+            print(f"before {label}: anon {rss_bytes(pid, 'RssAnon') >> 20} MiB, "
+                  f"shmem {rss_bytes(pid, 'RssShmem') >> 20} MiB", file=sys.stderr)
             cpu0 = cpu_seconds(pid)
             ours = fio(mnt / "base.raw", rw, bs, depth, True, args.runtime, size)
             ours["daemon_cpu_us_per_request"] = round(

@@ -267,7 +267,10 @@ class Daemon:
         return {}
 
     def rss(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        """The serving daemon's RSS (not the holder's: it only keeps the mount)."""
+        if not getattr(self, "_daemon_pid", None):
+            self._daemon_pid = int(self.stats()["pid"])
+        for line in Path(f"/proc/{self._daemon_pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         return 0

@@ -76,18 +76,10 @@ def _check_private(fd: int, store_owner: int) -> None:
                       f"{stat.S_IMODE(st.st_mode):o}: only the daemon's user may write it")
 
 
-def _copy(data: bytes | memoryview | None) -> bytes | None:
-    return None if data is None else bytes(data)
-
-
-def _digests(chunks: list[tuple[int, bytes | None]], fd: int, chunk_size: int) -> dict[int, int]:
-    """xxh3 of each chunk: from memory when resident, else read from the store (blocking)."""
-    out = {}
-    for index, data in chunks:
-        if data is None:
-            data = os.pread(fd, chunk_size, index * chunk_size)
-        out[index] = xxhash.xxh3_64_intdigest(data)
-    return out
+def _digests_from_store(chunks: list[int], fd: int, chunk_size: int) -> dict[int, int]:
+    """xxh3 of chunks that are not resident, read from the store (blocking)."""
+    return {index: xxhash.xxh3_64_intdigest(os.pread(fd, chunk_size, index * chunk_size))
+            for index in chunks}
 
 
 class Boots:
@@ -259,12 +251,23 @@ class Boots:
         if store is None or layer.fd < 0 or layer.trace_id is None:
             return
         cs = self.cache.chunk_size
-        # Copies: the digests are taken in a worker while the cache goes on changing.
-        chunks = [(c, _copy(self.cache.peek(layer.buffer, c))) for c in session.first_ms]
+        # Resident chunks are hashed here, in memory (no copies: an arena chunk is only
+        # valid until the next await), a few hundred at a time; the rest in a worker.
+        digests: dict[int, int] = {}
+        missing: list[int] = []
+        for count, index in enumerate(list(session.first_ms)):
+            data = self.cache.peek(layer.buffer, index)
+            if data is None:
+                missing.append(index)
+            else:
+                digests[index] = xxhash.xxh3_64_intdigest(data)
+            if count % 256 == 255:
+                await trio.lowlevel.checkpoint()
         try:
             layer.fills += 1  # keeps layer.fd open (and its number ours) until the digests are read
             try:
-                digests = await self.workers.run(_digests, chunks, layer.fd, cs)
+                digests.update(await self.workers.run(_digests_from_store, missing, layer.fd,
+                                                      cs))
             finally:
                 layer.fills -= 1
                 layer.release_fd()

@@ -333,16 +333,17 @@ class ScacheFS(Passthrough):
             cs = self.cache.chunk_size
             progress.note_demand(off // cs, (off + max(size, 1) - 1) // cs)
 
-    def read_now(self, fh: int, offset: int, size: int) -> bytes | memoryview | None:
+    def read_now(self, fh: int, offset: int,
+                 size: int) -> list[bytes | memoryview] | None:
         """A read of resident layer chunks, answered on the session's read loop."""
         handle = self.files.get(fh)
         layer = handle.layer if isinstance(handle, LayerHandle) else None
         if layer is None or not layer.active:
             return None
-        data = self.cache.lookup(layer.buffer, offset, size)  # pure memory
-        if data is not None:
+        pieces = self.cache.lookup_pieces(layer.buffer, offset, size)  # pure memory
+        if pieces is not None:
             self._note(handle, layer, offset, size)  # type: ignore[arg-type]
-        return data
+        return pieces
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.files[fh]

@@ -119,6 +119,9 @@ async def test_read_then_lookup_exact_bytes(offset: int, size: int, policy: str)
     assert await cache.read(layer, offset, size) == expected
     assert len(store.calls) == calls  # the second read was a hit
     assert cache.total.hit_ops == 2
+    pieces = cache.lookup_pieces(layer, offset, size)  # the same bytes, for one writev
+    assert pieces is not None and b"".join(pieces) == expected
+    assert cache.total.hit_ops == 3 and layer.stats.hit_bytes == 3 * len(expected)
 
 
 @pytest.mark.trio
@@ -700,3 +703,37 @@ async def test_a_miss_reads_the_aligned_window_around_it() -> None:
     assert cache.lookup(layer, 65536, 65536) == data[65536:131072]  # now all hits
     assert await cache.read(layer, len(data) - 10, 100) == data[-10:]  # clamped at EOF
     assert calls[-1] == (196608, 65536)
+
+
+@pytest.mark.trio
+async def test_arena_chunks_are_adopted_by_a_successor_and_checked() -> None:
+    """Chunks in an arena outlive the cache that put them there; a successor adopts
+    those whose header and digest check out, and drops the rest (never wrong bytes)."""
+    import os
+
+    from scachefs.arena import Arena, create_memfd, slots_for
+
+    size, cs, budget = 40 * 4096 + 100, 4096, 1 * MiB
+    fd = create_memfd(cs, budget)
+    try:
+        first = ChunkCache(budget, cs, arena=Arena(fd, cs, slots_for(cs, budget)))
+        store = FakeStore(pattern(size))
+        identity = (1, 2, size, 3)
+        layer = first.layer(identity, size, store.fill)
+        assert await first.read(layer, 0, size) == store.data
+        arena = Arena(fd, cs, slots_for(cs, budget))
+        # A torn write: the daemon died while it copied chunk 5 into its slot.
+        slot5 = layer._slots[5]
+        arena.view(slot5, 10)[:] = b"\0" * 10
+        second = ChunkCache(budget, cs, arena=arena)
+        assert second.restored_bytes == size - 4096  # all but chunk 5
+        again = second.layer(identity, size, store.fill)
+        calls = len(store.calls)
+        assert again.resident_chunks == 40
+        assert await second.read(again, 0, size) == store.data  # chunk 5 from the store
+        assert len(store.calls) == calls + 1
+        second.check_invariants()
+        other = ChunkCache(budget, 8192, arena=Arena(fd, 8192, slots_for(8192, budget)))
+        assert other.restored_bytes == 0  # another geometry: cold, never misread
+    finally:
+        os.close(fd)

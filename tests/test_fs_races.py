@@ -251,7 +251,7 @@ async def test_a_trace_save_keeps_the_layer_descriptor_open_until_it_is_done(
     for i in range(64):  # a boot whose chunks are not resident: digests read the store
         session.note(i * opts.chunk_size, 4096, now=i / 100)
     from scachefs import boots as boots_module
-    gate = Gate(workers, lambda fn: fn is boots_module._digests)
+    gate = Gate(workers, lambda fn: fn is boots_module._digests_from_store)
     fd = layer.fd
     async with trio.open_nursery() as nursery:
         nursery.start_soon(boots._save, layer, session)

@@ -104,8 +104,10 @@ class Operations:
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         """Drop kernel references: (nodeid, count) pairs. Inline; never raises."""
 
-    def read_now(self, fh: int, offset: int, size: int) -> bytes | memoryview | None:
-        """Answer a read from memory without awaiting, or None to call :meth:`read`."""
+    def read_now(self, fh: int, offset: int,
+                 size: int) -> Sequence[bytes | memoryview] | None:
+        """Answer a read from memory without awaiting (the reply's pieces, written with
+        one writev), or None to call :meth:`read`."""
         return None
 
     def getxattr_now(self, nodeid: int, name: bytes) -> bytes | int | None:

@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -287,9 +287,10 @@ class Session:
             return
         if opcode == abi.READ and n >= abi.IN_HEADER.size + abi.READ_IN.size:
             fh, offset, size = abi.READ_IN.unpack_from(buf, abi.IN_HEADER.size)[:3]
-            data = self.ops.read_now(fh, offset, size)
-            if data is not None:
-                self._reply(unique, data)
+            pieces = self.ops.read_now(fh, offset, size)
+            if pieces is not None:
+                length = abi.OUT_HEADER.size + sum(len(p) for p in pieces)
+                self._write([abi.OUT_HEADER.pack(length, 0, unique), *pieces])
                 return
         elif opcode == abi.FORGET:
             if n >= abi.IN_HEADER.size + abi.FORGET_IN.size:
@@ -355,7 +356,7 @@ class Session:
                 self._slot_free.set()
 
     # --------------------------------------------------------------- replies
-    def _write(self, parts: list[bytes | memoryview]) -> None:
+    def _write(self, parts: Sequence[bytes | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as exc:
