@@ -472,12 +472,36 @@ class ScacheFS(Passthrough):
             for layer, st in zip(layers, stats, strict=True):
                 if st is None or not layer.active:
                     continue
+                node = self.table.find(st)
                 if st.st_nlink == 0:
                     self._drop(layer.key, "deleted on the store")
                     self.shadow.remove(layer.key)
+                    if node is not None and node.name:  # let the kernel forget the name
+                        self._notify(self._notify_entry, node.parent, node.name)
                 elif identity_of(st) != layer.identity:
                     self.identity_changes[layer.key] += 1
                     self._drop(layer.key, "it changed on the store")
+                    if node is not None:  # and the pages it read from the old content
+                        node.page_identity = None
+                        self._notify(self._notify_inode, node.ino)
+
+    def _notify_entry(self, parent: int, name: bytes) -> None:
+        if self.session is not None:
+            self.session.notify_inval_entry(parent, name)
+
+    def _notify_inode(self, nodeid: int) -> None:
+        if self.session is not None:
+            self.session.notify_inval_inode(nodeid)
+
+    def _notify(self, fn: Callable[..., None], *args: Any) -> None:
+        """Send a notification from a worker: the kernel may wait on pages for it."""
+        async def send() -> None:
+            try:
+                await self.workers.run(fn, *args)
+            except OSError as exc:
+                log.debug("notification to the kernel failed: %s", exc)
+
+        self.spawn("a notification to the kernel", send)
 
     async def _scan_then_prefetch(self) -> None:
         try:

@@ -191,6 +191,20 @@ def test_a_layer_deleted_on_the_store_is_let_go(store: Path, mnt: Path,
         time.sleep(0.2)
     assert attached(mnt) == []
     assert stats(mnt)["cache"]["used_bytes"] == 0
+    # The kernel was told to forget the name: the inode goes, and its O_PATH descriptor.
+    while any(t.endswith("/base.raw (deleted)") for t in all_fds(mount.pid)):
+        assert time.monotonic() < deadline + 10, all_fds(mount.pid)
+        time.sleep(0.2)
+
+
+def all_fds(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
 
 
 # 4, 5 ---------------------------------------------------------------------------------
