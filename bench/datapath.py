@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds
+
 WORKLOADS = [  # label, rw, bs, ioengine, iodepth, numjobs
     ("4k randread psync x4", "randread", "4k", "psync", 1, 4),
     ("4k randread libaio QD32", "randread", "4k", "libaio", 32, 1),
@@ -38,7 +40,6 @@ WORKLOADS = [  # label, rw, bs, ioengine, iodepth, numjobs
     ("1M seq write QD4", "write", "1M", "libaio", 4, 1),
 ]
 EXEMPT = "4k randwrite psync x4"  # compared with one writer, see the docstring
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def sh(*args: str | os.PathLike[str]) -> str:
@@ -57,10 +58,6 @@ def fio(path: Path, rw: str, bs: str, engine: str, depth: int, jobs: int, runtim
     side = job["write"] if "write" in rw else job["read"]
     return {"iops": side["iops"], "mb_per_s": side["bw_bytes"] / 1e6}
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def requests(mnt: Path) -> dict[str, int]:

@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests import guest  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from tests import guest  # noqa: E402
 
 
 def iops(result: guest.BootResult) -> tuple[float, float]:
@@ -59,13 +59,13 @@ def main() -> int:
                     subprocess.run([sys.executable, "-m", "scachefs", str(store), str(mnt)],
                                    check=True, cwd=REPO)
                     pid = json.loads(os.getxattr(mnt, "user.scachefs.stats"))["pid"]
-                    cpu0 = _cpu(pid)
+                    cpu0 = cpu_seconds(pid)
                 try:
                     result = guest.boot((mnt if where == "mount" else store) / name, image,
                                         cache="none", job="fio-randrw", timeout=900)
                     if where == "mount":
                         doc = json.loads(os.getxattr(mnt, "user.scachefs.stats"))
-                        extra = {"daemon_cpu_s": round(_cpu(pid) - cpu0, 2),
+                        extra = {"daemon_cpu_s": round(cpu_seconds(pid) - cpu0, 2),
                                  "requests": doc["fuse"]["requests"],
                                  "daemon_io": doc["fuse"]["daemon_io"]}
                 finally:
@@ -88,10 +88,6 @@ def main() -> int:
         print(f"{side}: mount / store = {mount_v / store_v:.2f}")
     return 0
 
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds, status_bytes
+
 
 def sh(*args: str | os.PathLike[str]) -> str:
     return subprocess.run([os.fspath(a) for a in args], check=True, capture_output=True,
@@ -42,17 +44,6 @@ def fio(path: Path, rw: str, bs: str, iodepth: int, direct: bool, runtime: int,
             "lat_us_p50": job["clat_ns"]["percentile"].get("50.000000", 0) / 1000}
 
 
-def cpu_seconds(pid: int) -> float:
-    """The daemon's user + system CPU time so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field}")
 
 
 def main() -> int:
@@ -91,8 +82,8 @@ def main() -> int:
         rows = [("1 MiB seq, O_DIRECT, QD1", "read", "1M", 1),
                 ("4 KiB rand, O_DIRECT, QD8", "randread", "4k", 8)]
         for label, rw, bs, depth in rows:
-            print(f"before {label}: anon {rss_bytes(pid, 'RssAnon') >> 20} MiB, "
-                  f"shmem {rss_bytes(pid, 'RssShmem') >> 20} MiB", file=sys.stderr)
+            print(f"before {label}: anon {status_bytes(pid, 'RssAnon') >> 20} MiB, "
+                  f"shmem {status_bytes(pid, 'RssShmem') >> 20} MiB", file=sys.stderr)
             cpu0 = cpu_seconds(pid)
             ours = fio(mnt / "base.raw", rw, bs, depth, True, args.runtime, size)
             ours["daemon_cpu_us_per_request"] = round(
@@ -102,7 +93,7 @@ def main() -> int:
                               "ratio": round(ours["mb_per_s"] / base["mb_per_s"], 3)}
         doc = json.loads(os.getxattr(mnt, "user.scachefs.stats"))
         cached = doc["cache"]["used_bytes"]
-        rss = rss_bytes(pid)
+        rss = status_bytes(pid)
         results.update(cached_bytes=cached, daemon_rss_bytes=rss,
                        rss_minus_cached_mib=round((rss - cached) / 2**20, 1),
                        store_bytes=doc["totals"]["store_bytes"],

@@ -146,6 +146,10 @@ def two_host_storms(deploy: Deployment, numbering: bool) -> dict[str, Any]:
     ino2 = stat_ino(h2, deploy.mounts[1][1] / "base.qcow2")
     if numbering:  # the network file system numbers the same file differently per host
         assert ino1 != ino2, (ino1, ino2)
+    # stat(2) and ls -i under scachefs show the store's own number, whatever its size
+    # (GlusterFS's are 64-bit): stable across remounts wherever the store's are.
+    assert stat_ino(h1, mnt1 / "base.qcow2") == ino1
+    assert stat_ino(h2, mnt2 / "base.qcow2") == ino2
     for i in range(VMS):
         h2.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
                mnt2 / f"h2-vm{i}.qcow2")
