@@ -46,14 +46,13 @@ def main() -> int:
     store, mnt = work / "store", work / "mnt"
     store.mkdir()
     mnt.mkdir()
-    shutil.copyfile(image.base, store / "debian.qcow2")
+    guest.place_base(image, store)
     rows = []
     try:
         for run in range(args.runs):
             for where in ("store", "mount"):
                 name = f"vm-{where}-{run}.qcow2"
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "debian.qcow2",
-                                "-F", "qcow2", str(store / name)], check=True)
+                guest.new_overlay(store, name)
                 extra = {}
                 if where == "mount":
                     subprocess.run([sys.executable, "-m", "scachefs", str(store), str(mnt)],

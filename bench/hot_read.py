@@ -82,8 +82,6 @@ def main() -> int:
         rows = [("1 MiB seq, O_DIRECT, QD1", "read", "1M", 1),
                 ("4 KiB rand, O_DIRECT, QD8", "randread", "4k", 8)]
         for label, rw, bs, depth in rows:
-            print(f"before {label}: anon {status_bytes(pid, 'RssAnon') >> 20} MiB, "
-                  f"shmem {status_bytes(pid, 'RssShmem') >> 20} MiB", file=sys.stderr)
             cpu0 = cpu_seconds(pid)
             ours = fio(mnt / "base.raw", rw, bs, depth, True, args.runtime, size)
             ours["daemon_cpu_us_per_request"] = round(

@@ -239,7 +239,7 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     fuse_fd, root_fd, state_fd, ready_fd, arena_fd = (int(v) for v in spec.split(","))
     for fd in (fuse_fd, root_fd, state_fd, arena_fd):
         os.set_inheritable(fd, False)
-    raise_fd_limit()
+    # The open-file limit is the holder's, raised (and warned about) once there.
 
     def ready() -> None:
         if detach:

@@ -27,6 +27,7 @@ from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
 from scachefs.fuse.session import Session
 from scachefs.options import MountOptions
+from scachefs.sdnotify import sd_notify
 from scachefs.takeover import Journal, restore
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,6 @@ class Descriptors:
     state: int | None = None
     ready: int | None = None
     arena: int | None = None
-
-
-def notify_systemd(message: str) -> None:
-    """sd_notify(3) without a dependency: one datagram to $NOTIFY_SOCKET, if set."""
-    import socket
-
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, cause: str,
@@ -128,7 +112,7 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
                         session.handover()
                         return
                     log.info("received %s, unmounting", signal.Signals(signum).name)
-                    notify_systemd("STOPPING=1")
+                    sd_notify("STOPPING=1")
                     # Lazily: the kernel ends the connection (our loop sees it) once no
                     # file under the mount is open any more.
                     await trio.to_thread.run_sync(fuse_mount.unmount, mountpoint, session.fd)

@@ -25,11 +25,9 @@ mount then lives until that daemon ends, and goes away cleanly (ENOTCONN) then.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,9 +35,10 @@ import time
 from collections.abc import Callable
 
 from scachefs import arena, state
-from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST, notify_systemd
+from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
+from scachefs.sdnotify import sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +73,6 @@ def stored_fds() -> dict[str, int] | None:
         os.environ.pop(variable, None)
     found = {name: 3 + i for i, name in enumerate(names[:count]) if name in FDSTORE_NAMES}
     return found if set(found) == set(FDSTORE_NAMES) else None
-
-
-def _fdstore(message: str, fd: int | None = None) -> None:
-    """One sd_notify datagram, with a descriptor for systemd's fd store (FDSTORE=1)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    ancillary = []
-    if fd is not None:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendmsg([message.encode()], ancillary, 0, address)
-    except OSError as exc:
-        log.warning("cannot talk to systemd's fd store at %s: %s", address, exc)
 
 
 class Holder:
@@ -131,7 +113,7 @@ class Holder:
         # Under systemd, the fd store keeps the connection if this holder dies too.
         for name, fd in zip(FDSTORE_NAMES, (self.fuse_fd, self.root_fd, self.state_fd,
                                             self.arena_fd), strict=True):
-            _fdstore(f"FDSTORE=1\nFDNAME={name}", fd)
+            sd_notify(f"FDSTORE=1\nFDNAME={name}", fd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         first = True
@@ -167,7 +149,7 @@ class Holder:
             os.close(self.state_fd)
             os.close(self.arena_fd)
             for name in FDSTORE_NAMES:
-                _fdstore(f"FDSTOREREMOVE=1\nFDNAME={name}")
+                sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
             log.info("unmounted %s", self.spec.mountpoint)
         return code
 
@@ -225,7 +207,7 @@ class Holder:
                 self.proc.send_signal(signal.SIGUSR1)
             if self._stop is not None and not forwarded:
                 forwarded = True
-                notify_systemd("STOPPING=1")
+                sd_notify("STOPPING=1")
                 self.proc.send_signal(signal.SIGTERM)
 
     def _wait_ready(self, fd: int, ready: Callable[[], None] | None) -> None:
@@ -234,7 +216,7 @@ class Holder:
                 self._ready_seen = True
                 if ready is not None:
                     ready()
-                    notify_systemd("READY=1")
+                    sd_notify("READY=1")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:

@@ -558,6 +558,27 @@ def _remove_tree(path: Path) -> None:
 
 # --------------------------------------------------------------------------- booting
 
+BASE_NAME = "debian.qcow2"
+
+
+def place_base(image: GuestImage, store: Path) -> Path:
+    """The guest's base in a store as BASE_NAME: a hard link when the store is on the
+    cache's file system, else a copy."""
+    dst = store / BASE_NAME
+    try:
+        os.link(image.base, dst)
+    except OSError:
+        shutil.copyfile(image.base, dst)
+    return dst
+
+
+def new_overlay(store: Path, name: str) -> Path:
+    """A fresh qcow2 overlay in the store on its placed base (named relative to it)."""
+    path = store / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", BASE_NAME, "-F", "qcow2",
+                    str(path)], check=True, capture_output=True, text=True)
+    return path
+
 
 def boot(overlay: Path, image: GuestImage, memory_mib: int = 512, timeout: float = 300,
          cache: str = "none", extra_args: Sequence[str] = (), job: str | None = None

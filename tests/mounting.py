@@ -135,6 +135,18 @@ def daemon_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def daemon_fd_targets(pid: int) -> dict[str, str]:
+    """What each of the process's descriptors names, by descriptor number (ones that close
+    while we look are left out)."""
+    targets = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return targets
+
+
 def drop_caches() -> None:
     """Drop the kernel's page, dentry and inode caches (makes FUSE send forgets)."""
     os.sync()

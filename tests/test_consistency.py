@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory
-from tests.mounting import daemon_fds, run
+from tests.mounting import daemon_fd_targets, daemon_fds, run
 from tests.test_boot_traces import wait_for
 from tests.test_shadow_cache import layer_stats, overlay, stats
 
@@ -65,9 +65,8 @@ def deleted_fds(pid: int) -> list[str]:
     """Descriptors the daemon reads deleted files through (O_PATH ones only name an inode
     the kernel still holds, and go when it forgets it)."""
     out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    for fd, target in daemon_fd_targets(pid).items():
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
             info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
         except OSError:
             continue
@@ -192,19 +191,9 @@ def test_a_layer_deleted_on_the_store_is_let_go(store: Path, mnt: Path,
     assert attached(mnt) == []
     assert stats(mnt)["cache"]["used_bytes"] == 0
     # The kernel was told to forget the name: the inode goes, and its O_PATH descriptor.
-    while any(t.endswith("/base.raw (deleted)") for t in all_fds(mount.pid)):
-        assert time.monotonic() < deadline + 10, all_fds(mount.pid)
+    while any(t.endswith("/base.raw (deleted)") for t in daemon_fd_targets(mount.pid).values()):
+        assert time.monotonic() < deadline + 10, daemon_fd_targets(mount.pid).values()
         time.sleep(0.2)
-
-
-def all_fds(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
-    return out
 
 
 # 4, 5 ---------------------------------------------------------------------------------

@@ -303,62 +303,66 @@ def test_a_read_error_in_a_plain_image_reaches_the_reader(
     assert healed.returncode == 0 and not healed.wrong_bytes, healed.output
 
 
-@pytest.mark.parametrize("client", ["qemu-aio-native", "qemu-buffered", "dd"])
+QEMU_CLIENTS = {"qemu-aio-native": {"aio": "native"}, "qemu-buffered": {"cache": "writeback"}}
+
+
+def mount_disk_with_a_bad_sector(store: Path, errstore: ErrStore, mnt: Path,
+                                 mount_factory: MountFactory, passthrough: str) -> None:
+    """disk.raw, 4 MiB of 0x5a, mounted, with a bad 4 KiB in the middle of the 64 KiB
+    request at 1 MiB: the store's pread returns the 32 KiB before it (as a disk's does);
+    only a read starting inside it fails."""
+    disk = store / "disk.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", disk, "4M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", disk)
+    mount_factory(errstore.mountpoint, mnt, "allow_other", f"passthrough={passthrough}")
+    errstore.arm({"path": "disk.raw", "offset": MiB + 32 * KiB, "length": 4 * KiB,
+                  "partial": True})
+
+
+def read_across_the_bad_sector(image: Path, client: str,
+                               dd_out: Path) -> subprocess.CompletedProcess[str] | IoResult:
+    """The 64 KiB at 1 MiB (short, then EIO) and the 64 KiB at 2 MiB, as `client` reads."""
+    if client == "dd":
+        return run("dd", f"if={image}", f"of={dd_out}", "bs=64k", "skip=16", "count=2",
+                   check=False)
+    return qio(image, "read -P 0x5a 1M 64k", "read -P 0x5a 2M 64k", fmt="raw",
+               **QEMU_CLIENTS[client])
+
+
+@pytest.mark.parametrize("client", [*QEMU_CLIENTS, "dd"])
 def test_a_short_read_from_the_store_is_never_served_as_wrong_bytes(
         store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory,
         tmp_path: Path, client: str) -> None:
     """The daemon's own path never passes a store's short read on (passthrough=off)."""
-    disk = store / "disk.raw"
-    run("qemu-img", "create", "-q", "-f", "raw", disk, "4M")
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", disk)
-    mount_factory(errstore.mountpoint, mnt, "allow_other", "passthrough=off")
-    # A bad 4 KiB in the middle of a 64 KiB request: the store's pread returns the
-    # 32 KiB before it (as a disk's does); only a read starting inside it fails.
-    errstore.arm({"path": "disk.raw", "offset": MiB + 32 * KiB, "length": 4 * KiB,
-                  "partial": True})
-    if client == "dd":
+    mount_disk_with_a_bad_sector(store, errstore, mnt, mount_factory, "off")
+    out = tmp_path / "dd.out"
+    vm = read_across_the_bad_sector(mnt / "disk.raw", client, out)
+    if isinstance(vm, subprocess.CompletedProcess):
         # A partial first block is what dd gets from a disk with a bad sector too; the
         # next read, at the bad range, must fail, not meet a premature end of file.
-        out = tmp_path / "dd.out"
-        dd = run("dd", f"if={mnt / 'disk.raw'}", f"of={out}", "bs=64k", "skip=16",
-                 "count=2", check=False)
         got = out.read_bytes()
         assert got == b"\x5a" * len(got)
-        assert dd.returncode != 0 and EIO_TEXT in dd.stderr, dd.stderr
+        assert vm.returncode != 0 and EIO_TEXT in vm.stderr, vm.stderr
         assert os.stat(mnt / "disk.raw").st_size == 4 * MiB
         return
-    if client == "qemu-aio-native":
-        vm = qio(mnt / "disk.raw", "read -P 0x5a 1M 64k", "read -P 0x5a 2M 64k", fmt="raw",
-                 aio="native")
-    else:
-        vm = qio(mnt / "disk.raw", "read -P 0x5a 1M 64k", "read -P 0x5a 2M 64k", fmt="raw",
-                 cache="writeback")
     assert not vm.wrong_bytes, vm.output
     assert vm.failures == [("read", EIO_TEXT)], vm.output
     assert vm.done == [("read", 2 * MiB, 64 * KiB)], vm.output
 
 
-@pytest.mark.parametrize("client", ["qemu-aio-native", "qemu-buffered", "dd"])
+@pytest.mark.parametrize("client", [*QEMU_CLIENTS, "dd"])
 def test_a_passed_through_file_fails_exactly_as_the_store_does(
         store: Path, errstore: ErrStore, mnt: Path, mount_factory: MountFactory,
         tmp_path: Path, client: str) -> None:
     """With passthrough the kernel reads the store itself: whatever a client gets from a
     store with a bad sector (a short read, then EIO), it gets the same through the mount."""
-    disk = store / "disk.raw"
-    run("qemu-img", "create", "-q", "-f", "raw", disk, "4M")
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", disk)
-    mount_factory(errstore.mountpoint, mnt, "allow_other", "passthrough=on")
-    errstore.arm({"path": "disk.raw", "offset": MiB + 32 * KiB, "length": 4 * KiB,
-                  "partial": True})
+    mount_disk_with_a_bad_sector(store, errstore, mnt, mount_factory, "on")
 
     def outcome(image: Path) -> tuple[object, ...]:
-        if client == "dd":
-            out = tmp_path / "dd.out"
-            dd = run("dd", f"if={image}", f"of={out}", "bs=64k", "skip=16", "count=2",
-                     check=False)
-            return dd.returncode, out.read_bytes(), EIO_TEXT in dd.stderr
-        extra = {"aio": "native"} if client == "qemu-aio-native" else {"cache": "writeback"}
-        vm = qio(image, "read -P 0x5a 1M 64k", "read -P 0x5a 2M 64k", fmt="raw", **extra)
+        out = tmp_path / "dd.out"
+        vm = read_across_the_bad_sector(image, client, out)
+        if isinstance(vm, subprocess.CompletedProcess):
+            return vm.returncode, out.read_bytes(), EIO_TEXT in vm.stderr
         return vm.returncode, vm.wrong_bytes, tuple(vm.failures), tuple(vm.done)
 
     direct = outcome(errstore.mountpoint / "disk.raw")

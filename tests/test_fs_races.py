@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import trio
 from scachefs.boots import Boots
 from scachefs.chunkcache import ChunkCache
 from scachefs.fs import LayerHandle, ScacheFS
-from scachefs.fuse.ops import Opened, SetAttr
+from scachefs.fuse.ops import Entry, Opened, SetAttr
 from scachefs.inodes import ROOT_INODE
 from scachefs.layer import Layer, identity_of
 from scachefs.options import MountOptions
@@ -68,10 +69,23 @@ def make_stack(store: Path, size: int = 4 * MiB) -> Path:
     return base
 
 
-async def started(fs: ScacheFS, nursery: trio.Nursery) -> None:
-    fs.boots.nursery = nursery
-    await fs.scan()
-    fs.scanned.set()
+def stack_fs(tmp_path: Path) -> tuple[ScacheFS, Path]:
+    """A store with base.raw under vm.qcow2, and a ScacheFS over it (not started yet)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    base = make_stack(store)
+    return make_fs(store, tmp_path), base
+
+
+@asynccontextmanager
+async def serving(fs: ScacheFS) -> AsyncIterator[tuple[trio.Nursery, Entry]]:
+    """fs started in a nursery, with base.raw looked up; its tasks end with the block."""
+    async with trio.open_nursery() as nursery:
+        fs.boots.nursery = nursery
+        await fs.scan()
+        fs.scanned.set()
+        yield nursery, await fs.lookup(ROOT_INODE, b"base.raw", CTX)
+        nursery.cancel_scope.cancel()
 
 
 def open_fds() -> int:
@@ -108,13 +122,8 @@ async def test_lookup_of_dotdot_leaves_the_grandparent_its_name(tmp_path: Path) 
 
 
 async def test_a_failed_attach_closes_the_descriptor_it_opened(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    make_stack(store)
-    fs = make_fs(store, tmp_path)
-    async with trio.open_nursery() as nursery:
-        await started(fs, nursery)
-        entry = await fs.lookup(ROOT_INODE, b"base.raw", CTX)
+    fs, _ = stack_fs(tmp_path)
+    async with serving(fs) as (_, entry):
 
         def broken(*args: Any) -> Layer:
             raise RuntimeError("a bug in _attach")
@@ -125,14 +134,10 @@ async def test_a_failed_attach_closes_the_descriptor_it_opened(tmp_path: Path) -
             await fs.open(entry.nodeid, os.O_RDONLY, CTX)
         assert open_fds() == before
         assert fs.files == {}
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_layer_dropped_while_its_traces_load_is_not_prefetched(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    base = make_stack(store)
-    fs = make_fs(store, tmp_path)
+    fs, base = stack_fs(tmp_path)
     assert fs.boots.store is not None
     st = os.stat(base)  # a trace of the layer, so that its first open would prefetch
     boot = Boot(0, 1000, 64, MiB, [(i, i, 0) for i in range(64)])
@@ -143,9 +148,7 @@ async def test_a_layer_dropped_while_its_traces_load_is_not_prefetched(tmp_path:
         os.close(fd)
     fs.boots.store.save(TraceFile(LayerId(fp, st.st_size, st.st_mtime_ns),
                                   fs.cache.chunk_size, "other-host", [boot]))
-    async with trio.open_nursery() as nursery:
-        await started(fs, nursery)
-        entry = await fs.lookup(ROOT_INODE, b"base.raw", CTX)
+    async with serving(fs) as (nursery, entry):
         gate = Gate(fs.workers, lambda fn: fn == fs.boots.store.load)  # type: ignore[union-attr]
         reader = await spawn(nursery, lambda: fs.open(entry.nodeid, os.O_RDONLY, CTX))
         await gate.entered.wait()
@@ -164,18 +167,12 @@ async def test_a_layer_dropped_while_its_traces_load_is_not_prefetched(tmp_path:
         await fs.release(info.fh)
         await fs.release(writer.fh)
         assert fs.writers == {}
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_open_that_stat_ed_before_a_change_does_not_attach_the_old_identity(
         tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    base = make_stack(store)
-    fs = make_fs(store, tmp_path)
-    async with trio.open_nursery() as nursery:
-        await started(fs, nursery)
-        entry = await fs.lookup(ROOT_INODE, b"base.raw", CTX)
+    fs, base = stack_fs(tmp_path)
+    async with serving(fs) as (nursery, entry):
         # The base changes on the store before either open: both must probe it again.
         os.utime(base, ns=(0, os.stat(base).st_mtime_ns + 1_000_000_000))
         from scachefs import shadow
@@ -196,17 +193,11 @@ async def test_an_open_that_stat_ed_before_a_change_does_not_attach_the_old_iden
         assert layer.buffer.size == 5 * MiB
         for fh in (first[0].fh, second.fh):
             await fs.release(fh)
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_open_during_a_truncate_does_not_attach(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    base = make_stack(store)
-    fs = make_fs(store, tmp_path)
-    async with trio.open_nursery() as nursery:
-        await started(fs, nursery)
-        entry = await fs.lookup(ROOT_INODE, b"base.raw", CTX)
+    fs, base = stack_fs(tmp_path)
+    async with serving(fs) as (nursery, entry):
         gate = Gate(fs.workers, lambda fn: getattr(fn, "__name__", "") == "work"
                     and "setattr" in fn.__qualname__)
         truncating = await spawn(nursery, lambda: fs.setattr(entry.nodeid,
@@ -225,7 +216,6 @@ async def test_an_open_during_a_truncate_does_not_attach(tmp_path: Path) -> None
         assert layer.buffer.size == 2 * MiB
         for fh in (during.fh, after.fh):
             await fs.release(fh)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_trace_save_keeps_the_layer_descriptor_open_until_it_is_done(

@@ -4,34 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import MountFactory
-from tests.guest import boot, ensure_guest_image
-from tests.mounting import drop_caches, require_tool, run
+from tests.guest import GuestImage, boot, ensure_guest_image, new_overlay, place_base
+from tests.mounting import drop_caches, require_tool
 from tests.test_boot_traces import wait_for
 from tests.test_shadow_cache import layer_stats
 
 RESULTS = Path(os.environ.get("SCACHEFS_GUEST_RESULTS", "/tmp/scachefs-guest-boot.json"))
 
 
-def place_base(src: Path, store: Path) -> Path:
-    """The guest's base in the store: a hard link when possible (same file system)."""
-    dst = store / "debian.qcow2"
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-    return dst
-
-
-def boot_through(mnt: Path, store: Path, name: str, image: Any) -> float:
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "debian.qcow2", "-F", "qcow2",
-        store / name)
+def boot_through(mnt: Path, store: Path, name: str, image: GuestImage) -> float:
+    new_overlay(store, name)
     result = boot(mnt / name, image, cache="none")
     assert result.reached_multi_user, result.console[-3000:]
     assert result.returncode == 0, result.console[-3000:]
@@ -44,7 +31,7 @@ def test_second_boot_is_served_from_prefetched_chunks(
         store: Path, mnt: Path, mount_factory: MountFactory) -> None:
     require_tool("qemu-system-x86_64")
     image = ensure_guest_image()
-    place_base(image.base, store)
+    place_base(image, store)
 
     first_mount = mount_factory(store, mnt, "allow_other")
     first_seconds = boot_through(mnt, store, "vm1.qcow2", image)

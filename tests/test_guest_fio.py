@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MountFactory
-from tests.guest import boot, ensure_guest_image
+from tests.guest import boot, ensure_guest_image, new_overlay, place_base
 from tests.mounting import require_tool, run
-from tests.test_guest_boot import place_base
 from tests.test_shadow_cache import layer_stats, stats
 
 
@@ -26,9 +25,8 @@ def test_fio_in_a_guest_on_its_overlay_never_reaches_the_daemon(
         store: Path, mnt: Path, mount_factory: MountFactory) -> None:
     require_tool("qemu-system-x86_64")
     image = ensure_guest_image()
-    place_base(image.base, store)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "debian.qcow2", "-F", "qcow2",
-        store / "vm.qcow2")
+    place_base(image, store)
+    new_overlay(store, "vm.qcow2")
     mount_factory(store, mnt, "allow_other")
     result = boot(mnt / "vm.qcow2", image, cache="none", job="fio-randrw", timeout=600)
     assert result.reached_multi_user and result.returncode == 0, result.console[-3000:]

@@ -317,13 +317,11 @@ def test_a_corrupt_state_falls_back_to_ending_the_mount(
 @pytest.mark.timeout(1800)
 def test_a_guest_boots_and_writes_through_restarts(store: Path, mnt: Path,
                                                    mount_factory: MountFactory) -> None:
-    from tests.guest import boot, ensure_guest_image
-    from tests.test_guest_boot import place_base
+    from tests.guest import boot, ensure_guest_image, new_overlay, place_base
 
     image = ensure_guest_image()
-    place_base(image.base, store)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "debian.qcow2", "-F", "qcow2",
-        store / "vm.qcow2")
+    place_base(image, store)
+    new_overlay(store, "vm.qcow2")
     mount = mount_factory(store, mnt, "allow_other")
     result: list[Any] = []
     guest = threading.Thread(target=lambda: result.append(

@@ -20,7 +20,7 @@ import pytest
 from scachefs.traces import decode as traces_decode
 from tests import test_permissions
 from tests.conftest import MountFactory
-from tests.mounting import Mount, run
+from tests.mounting import Mount, daemon_fd_targets, run
 from tests.test_boot_traces import (
     boot_script,
     make_boot_base,
@@ -75,16 +75,6 @@ def unsafe_image(path: Path, backing: str, fmt: str = "raw") -> Path:
     """A qcow2 naming `backing` verbatim, created without opening it (-u)."""
     run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, path, "1M")
     return path
-
-
-def daemon_opened(pid: int) -> set[str]:
-    targets = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
-    return targets
 
 
 # ----------------------------------------------------------------- store permissions
@@ -412,7 +402,7 @@ def test_symlinks_resolve_in_the_callers_namespace_with_the_callers_rights(
     assert user_errno(f"os.open({str(mnt / 'shadow')!r}, os.O_RDONLY | os.O_NOFOLLOW)") \
         == "ELOOP"
     assert (mnt / "shadow").read_bytes() == Path("/etc/shadow").read_bytes()  # root's rights
-    assert "/etc/shadow" not in daemon_opened(mount.pid)
+    assert "/etc/shadow" not in set(daemon_fd_targets(mount.pid).values())
 
 
 def test_backing_names_that_leave_the_store_are_never_cached(
@@ -450,7 +440,7 @@ def test_backing_names_that_leave_the_store_are_never_cached(
         lines = [line for line in log.splitlines()
                  if f"{name}: backing file {backing}" in line and "outside the store" in line]
         assert len(lines) == 1, (name, log)
-    assert not {"/etc/shadow", str(outside)} & daemon_opened(mount.pid)
+    assert not {"/etc/shadow", str(outside)} & set(daemon_fd_targets(mount.pid).values())
 
 
 def test_a_backing_file_at_the_mount_point_itself_is_a_plain_file(

@@ -268,9 +268,11 @@ def test_dirbuffer_packs_aligned_entries_until_full() -> None:
     assert out.add(b"x" * 8, 2, 78, stat.S_IFREG)  # 24 + 8 = 32 bytes: exactly full
     assert not out.add(b"y", 3, 79, stat.S_IFREG)
     data = out.payload()
-    assert len(data) == 64 and out.count == 2
+    assert len(data) == 64  # two entries, the second one as packed as the first
     assert abi.DIRENT_HEAD.unpack_from(data) == (77, 1, 3, stat.S_IFDIR >> 12)
     assert data[24:27] == b"abc" and data[27:32] == bytes(5)
+    assert abi.DIRENT_HEAD.unpack_from(data, 32) == (78, 2, 8, stat.S_IFREG >> 12)
+    assert data[56:64] == b"x" * 8
     plus = DirBuffer(4096, plus=True)
     assert plus.add(b"f", 1, 1234, ST.st_mode, Entry(42, ST, 1234))
     assert plus.add(b"g", 2, 55, ST.st_mode)  # no entry: nodeid 0, no lookup

@@ -83,13 +83,12 @@ _NO_ENTRY = bytes(_ENTRY_SIZE)  # nodeid 0: an entry without attributes or looku
 class DirBuffer:
     """The reply of one READDIR/READDIRPLUS: entries until the kernel's buffer is full."""
 
-    __slots__ = ("_left", "_parts", "count", "plus")
+    __slots__ = ("_left", "_parts", "plus")
 
     def __init__(self, size: int, plus: bool) -> None:
         self.plus = plus
         self._left = size
         self._parts: list[bytes] = []
-        self.count = 0
 
     def add(self, name: bytes, next_offset: int, ino: int, mode: int,
             entry: Entry | None = None) -> bool:
@@ -113,7 +112,6 @@ class DirBuffer:
         self._parts += (abi.DIRENT_HEAD.pack(ino, next_offset, namelen,
                                              stat.S_IFMT(mode) >> 12), name, b"\0" * pad)
         self._left -= size
-        self.count += 1
         return True
 
     def payload(self) -> bytes:
@@ -130,7 +128,6 @@ class Session:
         self.max_tasks = max_tasks
         self.proto_minor = 0
         self.flags = 0  # INIT flags in effect (flags | flags2 << 32)
-        self.kernel_flags = 0  # what the kernel offered
         self.passthrough = False  # FUSE_PASSTHROUGH negotiated
         self.counts: Counter[str] = Counter()  # requests per opcode name, for the stats
         self._nursery: trio.Nursery | None = None
@@ -186,7 +183,7 @@ class Session:
         self._reading.cancel()
 
     def _resume(self, minor: int, flags: int) -> None:
-        self.proto_minor, self.flags, self.kernel_flags = minor, flags, flags
+        self.proto_minor, self.flags = minor, flags
         self.passthrough = bool(flags & abi.PASSTHROUGH)
         self.ops.init(flags)
         if flags & abi.HAS_RESEND:
@@ -232,7 +229,6 @@ class Session:
             raise ConnectionError(f"the kernel speaks FUSE {major}.{minor}; scachefs needs "
                                   f"7.{abi.KERNEL_MINOR_MIN} or newer (Linux 5.10+)")
         capable = flags | ((flags2 << 32) if flags & abi.INIT_EXT else 0)
-        self.kernel_flags = capable
         try:
             wanted = self.ops.init(capable)
         except ConnectionError:
@@ -306,20 +302,19 @@ class Session:
             self.ops.destroy()
             self._reply(unique, b"")
             return
-        elif opcode == abi.GETXATTR:
-            body = bytes(buf[abi.IN_HEADER.size + abi.GETXATTR_IN.size:n - extlen * 8])
-            end = body.find(b"\0")
-            if end >= 0:
-                quick = self.ops.getxattr_now(nodeid, body[:end])
-                if quick is not None:
-                    (size, _) = abi.GETXATTR_IN.unpack_from(buf, abi.IN_HEADER.size)
-                    self._reply_xattr(unique, quick, size)
-                    return
         handler = self._handlers.get(opcode)
         if handler is None:
             self._reply_error(unique, errno.ENOSYS)
             return
-        args = bytes(buf[abi.IN_HEADER.size:n - extlen * 8])
+        args = bytes(buf[abi.IN_HEADER.size:n - extlen * 8])  # the buffer is reused
+        if opcode == abi.GETXATTR and len(args) > abi.GETXATTR_IN.size:
+            end = args.find(b"\0", abi.GETXATTR_IN.size)
+            quick = (self.ops.getxattr_now(nodeid, args[abi.GETXATTR_IN.size:end])
+                     if end >= 0 else None)
+            if quick is not None:
+                (size, _) = abi.GETXATTR_IN.unpack_from(args)
+                self._reply_xattr(unique, quick, size)
+                return
         req = Request(uid, gid, pid, unique)
         assert self._nursery is not None
         self._inflight += 1
