@@ -592,7 +592,9 @@ def boot(overlay: Path, image: GuestImage, memory_mib: int = 512, timeout: float
     append = "root=/dev/vda ro console=ttyS0 panic=-1"
     if job is not None:
         assert job in JOBS, job
-        append += f" scachefs.job={job}"
+        # The job prints on the serial console; the getty there starts late (Type=idle)
+        # and its vhangup() would fail a write of the job's output that is under way.
+        append += f" scachefs.job={job} systemd.mask=serial-getty@ttyS0.service"
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-smp", "2", "-m", str(memory_mib),
            "-nographic", "-no-reboot", "-nic", "none",
            "-kernel", os.fspath(image.kernel), "-initrd", os.fspath(image.initrd),

@@ -341,7 +341,7 @@ def test_a_guest_boots_and_writes_through_restarts(store: Path, mnt: Path,
     assert kills >= 2, "the guest finished before the daemon was killed twice"
     assert booted.reached_multi_user and booted.returncode == 0, booted.console[-3000:]
     job = booted.job_output()
-    assert "WRITE-FILES-OK" in job and "FAILED" not in job, job
+    assert "WRITE-FILES-OK" in job and "FAILED" not in job, booted.console[-3000:]
     assert "I/O error" not in booted.console and "EXT4-fs error" not in booted.console
     raw = store / "vm.raw"
     run("qemu-img", "convert", "-O", "raw", store / "vm.qcow2", raw)
