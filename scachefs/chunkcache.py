@@ -45,6 +45,11 @@ Fill = Callable[[int, int], Awaitable[bytes]]
 DEFAULT_CHUNK_SIZE = 65536
 
 
+async def _dormant_fill(offset: int, length: int) -> bytes:
+    """The fill of a buffer adopted from the arena before its layer was opened again."""
+    raise OSError(errno.ESTALE, "no open file for this layer")
+
+
 def _size_bucket(length: int) -> int:
     """Round a request size up to a power of two, for the store-read histogram."""
     return 1 << max(0, (length - 1).bit_length())
@@ -210,13 +215,11 @@ class ChunkCache:
         self.total = LayerStats()
         self._layers: dict[Hashable, LayerBuffer] = {}
         # With an arena, chunks live in its shared memory (they outlive the daemon),
-        # and what a predecessor left there is adopted when its layer comes back.
+        # and what a predecessor left there is adopted at once (see _adopt).
         self.arena = arena
-        self._restored: Restored = arena.scan() if arena is not None else {}
-        self.restored_bytes = sum(length for chunks in self._restored.values()
-                                  for _, length in chunks.values())
         self._used = 0
         self._pinned_bytes = 0
+        self.restored_bytes = self._adopt(arena.scan()) if arena is not None else 0
 
     # ------------------------------------------------------------------ layers
 
@@ -254,6 +257,8 @@ class ChunkCache:
             raise ValueError(f"layer size must be >= 0, not {size}")
         buf = self._layers.get(identity)
         if buf is not None:
+            if buf.fill is _dormant_fill:  # chunks a predecessor left: now they have a file
+                buf.fill = fill
             if buf.size != size:
                 raise ValueError(
                     f"layer {identity!r} is cached with size {buf.size}, not {size}; "
@@ -262,25 +267,36 @@ class ChunkCache:
             return buf
         buf = LayerBuffer(identity, size, fill)
         self._layers[identity] = buf
-        restored = self._restored.pop(identity, None)  # type: ignore[call-overload]
-        if restored:
-            self._adopt(buf, restored)
         return buf
 
-    def _adopt(self, buf: LayerBuffer, restored: dict[int, tuple[int, int]]) -> None:
-        """Take back the chunks a predecessor left in the arena (checked by its scan)."""
+    def _adopt(self, restored: Restored) -> int:
+        """Take back every chunk a predecessor left in the arena (checked by its scan).
+
+        Each becomes an ordinary resident chunk of a buffer keyed by its identity, so
+        every slot has exactly one owner from the start: the layer finds its chunks
+        when it is opened again (its identity unchanged), and chunks of layers that
+        changed or are gone are evicted like any other. Returns the bytes adopted.
+        """
         arena = self.arena
         assert arena is not None
-        for index, (slot, length) in sorted(restored.items()):
-            if self._used + length > self._budget or index * self.chunk_size >= buf.size:
-                arena.free(slot)
-                continue
-            arena.adopted(slot)
-            buf._chunks[index] = arena.view(slot, length)
-            buf._slots[index] = slot
-            buf._resident += length
-            self._used += length
-            self._policy.insert(buf, index, length)
+        adopted = 0
+        for identity, chunks in restored.items():
+            size = identity[2]
+            buf = LayerBuffer(identity, size, _dormant_fill)
+            for index, (slot, length) in sorted(chunks.items()):
+                expected = min(self.chunk_size, size - index * self.chunk_size)
+                if length != expected or self._used + length > self._budget:
+                    arena.free(slot)
+                    continue
+                buf._chunks[index] = arena.view(slot, length)
+                buf._slots[index] = slot
+                buf._resident += length
+                self._used += length
+                self._policy.insert(buf, index, length)
+            if buf._chunks:
+                self._layers[identity] = buf
+                adopted += buf._resident
+        return adopted
 
     def drop_layer(self, identity: Hashable, *, forget: bool = False) -> None:
         """Forget every chunk of a layer (it was written to or changed).
@@ -636,20 +652,23 @@ class ChunkCache:
         if self._pinned_bytes + nbytes > self._budget:
             return False
         policy = self._policy
-        while self._used + nbytes > self._budget:
+        arena = self.arena
+        while self._used + nbytes > self._budget or (arena is not None and arena.full):
             evicted = policy.evict()
             if evicted is None:  # only pinned chunks left (cannot happen given the check)
                 return False
             owner, victim_index = evicted
             victim = owner._chunks.pop(victim_index)
-            if self.arena is not None:
-                self.arena.free(owner._slots.pop(victim_index))
+            if arena is not None:
+                arena.free(owner._slots.pop(victim_index))
+                if not owner._chunks and owner.fill is _dormant_fill:
+                    self._layers.pop(owner.identity, None)  # nothing left to adopt
             owner._resident -= len(victim)
             self._used -= len(victim)
             owner.stats.evictions += 1
             self.total.evictions += 1
-        if self.arena is not None:
-            slot, view = self.arena.put(layer.identity, index, chunk)  # type: ignore[arg-type]
+        if arena is not None:
+            slot, view = arena.put(layer.identity, index, chunk)  # type: ignore[arg-type]
             layer._slots[index] = slot
             layer._chunks[index] = view
         else:

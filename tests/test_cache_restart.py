@@ -1,0 +1,132 @@
+"""The cache across a restart: every slot of the arena has one owner, a restart never hands
+a layer another layer's bytes, the arena stays within its budget, and a full cache evicts
+instead of failing a read (issue 17, items 0-0e; issue 19, item 2).
+
+Each test runs real mounts (``layers=all`` makes every read-only open a cached layer),
+kills or upgrades the daemon, and compares every byte read through the mount with the
+store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from scachefs.arena import arena_bytes, slots_for
+from tests.conftest import MountFactory
+from tests.mounting import Mount, run
+from tests.test_restart import wait_generation
+from tests.test_shadow_cache import layer_stats, stats
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def make_file(path: Path, size: int, seed: int) -> bytes:
+    """A file of random bytes (every chunk differs from every other file's chunks)."""
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    old = time.time() - 3600  # a base written long ago (its identity is settled)
+    os.utime(path, (old, old))
+    return data
+
+
+def read_through(path: Path, length: int | None = None) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read() if length is None else f.read(length)
+
+
+def differing_chunks(got: bytes, want: bytes, chunk: int) -> int:
+    assert len(got) == len(want), (len(got), len(want))
+    return sum(1 for at in range(0, len(want), chunk) if got[at:at + chunk] != want[at:at + chunk])
+
+
+def restart(mount: Mount, how: str) -> None:
+    generation = int(stats(mount.mountpoint)["generation"])
+    if how == "kill":
+        os.kill(mount.pid, signal.SIGKILL)
+    else:
+        run("python3", "-m", "scachefs.stat", "--upgrade", mount.mountpoint)
+    wait_generation(mount, generation + 1)
+
+
+def test_a_restart_never_serves_another_layers_bytes(store: Path, mnt: Path,
+                                                     mount_factory: MountFactory) -> None:
+    """Issue 17 item 0: a full cache restored by a successor, then refilled by another layer."""
+    chunk = 16 * KiB
+    layer_l = make_file(store / "l.raw", 7 * MiB + 512 * KiB, 1)
+    layer_m = make_file(store / "m.raw", 7 * MiB, 2)
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=8M", "chunk_size=16K",
+                          "prefetch=off", "record=off")
+    for how in ("kill", "upgrade"):
+        assert read_through(mnt / "l.raw") == layer_l
+        restart(mount, how)
+        assert "the cache kept 7 MiB" in mount.log()
+        got_m = read_through(mnt / "m.raw", 6 * MiB)
+        assert differing_chunks(got_m, layer_m[:6 * MiB], chunk) == 0
+        got_l = read_through(mnt / "l.raw")
+        assert differing_chunks(got_l, layer_l, chunk) == 0, how
+        got_m = read_through(mnt / "m.raw")
+        assert differing_chunks(got_m, layer_m, chunk) == 0, how
+        assert stats(mnt)["cache"]["used_bytes"] <= 8 * MiB
+
+
+def test_a_full_cache_of_partial_chunks_evicts_instead_of_failing(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Issue 17 item 0c: every layer's last chunk is partial; reads never fail."""
+    small = [make_file(store / f"s{i}.raw", 8 * KiB, 10 + i) for i in range(300)]
+    base = make_file(store / "base.raw", 16 * MiB, 3)
+    mount_factory(store, mnt, "layers=all", "cache_size=8M", "chunk_size=1M",
+                  "prefetch=off", "record=off")
+    for rnd in range(2):
+        for i, data in enumerate(small):  # 300 slots that hold 8 KiB each
+            assert read_through(mnt / f"s{i}.raw") == data, (rnd, i)
+        assert read_through(mnt / "base.raw") == base, rnd
+    assert stats(mnt)["cache"]["used_bytes"] <= 8 * MiB
+
+
+def test_the_arena_stays_within_its_budget_across_restarts(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Issue 17 item 0d: each restart refills a full cache; the memfd's memory stays bounded."""
+    files = [make_file(store / f"f{i}.raw", 6 * MiB, 20 + i) for i in range(6)]
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=8M", "chunk_size=1M",
+                          "prefetch=off", "record=off")
+    for i, data in enumerate(files):
+        assert read_through(mnt / f"f{i}.raw") == data
+        restart(mount, "kill")
+    resident = arena_resident_bytes(mount.holder_pid)
+    bound = arena_bytes(MiB, slots_for(MiB, 8 * MiB))
+    assert resident <= bound <= 8 * MiB + 64 * KiB, (resident, bound)
+
+
+def arena_resident_bytes(holder: int) -> int:
+    """Memory the holder's cache memfd holds (its pages, mapped or not)."""
+    for fd in os.listdir(f"/proc/{holder}/fd"):
+        try:
+            target = os.readlink(f"/proc/{holder}/fd/{fd}")
+        except OSError:
+            continue
+        if "scachefs-cache" in target:
+            st = os.stat(f"/proc/{holder}/fd/{fd}")
+            return st.st_blocks * 512
+    raise AssertionError(f"the holder {holder} has no cache memfd")
+
+
+def test_a_warmed_layer_stays_warm_across_an_upgrade_without_an_open_file(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Issue 19 item 2: what the arena holds is adopted for every layer that still matches."""
+    data = make_file(store / "base.raw", 6 * MiB, 4)
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=64M", "chunk_size=64K",
+                          "prefetch=off", "record=off")
+    assert read_through(mnt / "base.raw") == data
+    resident = layer_stats(mnt, "base.raw")["resident_bytes"]
+    assert resident == 6 * MiB
+    for how in ("upgrade", "kill"):
+        restart(mount, how)
+        assert stats(mnt)["cache"]["used_bytes"] == 6 * MiB, how
+        assert read_through(mnt / "base.raw") == data
+        after = layer_stats(mnt, "base.raw")
+        assert after["store_bytes"] == 0, (how, after)
