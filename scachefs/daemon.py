@@ -66,6 +66,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
                 log.error("cannot take over the mount: its state is corrupt (%s)", exc)
                 return EXIT_STATE_LOST
             done = restore(ops, snap)
+            ops.restored()  # the writers among the open files: their layers stay uncached
             ops.generation = statelog.begin_generation(cause, time.time_ns())
             ops.restart = {"generation": ops.generation, "cause": cause,
                            "time": time.time(), "restored_nodes": done.nodes,
@@ -100,10 +101,12 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
             await trio.to_thread.run_sync(os.stat, mountpoint)
             ready()
 
-        async def on_signals() -> None:
+        async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
             nonlocal handed_over
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                            signal.SIGUSR1) as signals:
+                task_status.started()  # the holder may send SIGUSR1 once we said ready
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         log.info("handing over to a successor: finishing the requests "
@@ -123,7 +126,7 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
                 await trio.sleep(COMPACT_EVERY)
                 ops.journal.compact_if_needed(ops)
 
-        nursery.start_soon(on_signals)
+        await nursery.start(on_signals)
         if resume is None:
             nursery.start_soon(wait_ready)
         else:

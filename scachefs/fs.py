@@ -31,7 +31,7 @@ import trio
 from scachefs import __version__, control, syscalls
 from scachefs.arena import Arena, slots_for
 from scachefs.boots import TRACE_DIR, Boots, open_trace_store
-from scachefs.chunkcache import ChunkCache
+from scachefs.chunkcache import ChunkCache, ShortFill
 from scachefs.fuse.ops import Attr, FuseError, Opened, Request, SetAttr
 from scachefs.inodes import ROOT_INODE, Inode
 from scachefs.layer import Layer, identity_of
@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 
 HIDDEN_DIR = TRACE_DIR[0]  # the store's .scache directory: never shown through the mount
 LAYER_CHECK_SECONDS = 5.0  # how often attached layers are checked for deletion or change
+# A write on the store sets the file's mtime before its data lands: an identity whose
+# mtime is younger than this may still get new bytes under it ("racy timestamps", as
+# git's index calls them), so nothing read under it is cached until it is this old.
+SETTLE_SECONDS = 2.0
+
+
+def settles_in(st: os.stat_result) -> float:
+    """Seconds until ``st``'s identity is old enough to cache under (0: it is already)."""
+    return max(0.0, st.st_mtime_ns / 1e9 + SETTLE_SECONDS - time.time())
 
 
 @dataclasses.dataclass(eq=False)
@@ -168,7 +177,8 @@ class ScacheFS(Passthrough):
                 layer.release_fd()
                 self._watch_budget()
 
-        layer.buffer = self.cache.layer(identity, st.st_size, fill)
+        layer.buffer = self.cache.layer(identity, st.st_size, fill,
+                                        trio.current_time() + settles_in(st))
         self.layers[key] = layer
         log.info("serving backing layer %s (%d MiB) from the shared cache", path,
                  st.st_size >> 20)
@@ -302,9 +312,11 @@ class ScacheFS(Passthrough):
         # O_DIRECT readers (qemu's cache=none) bypass the page cache: FOPEN_DIRECT_IO keeps
         # the inode out of the kernel's caching mode, so a writer can still pass through.
         direct = bool(handle.flags & os.O_DIRECT)
-        # The kernel may keep its pages only if they are of this very identity.
+        # The kernel may keep its pages only if they are of this very identity, read
+        # when it was settled (pages read under a fresh one may predate a write).
         keep_cache = not direct and node.page_identity == layer.identity
-        node.page_identity = None if direct else layer.identity
+        settled = trio.current_time() >= layer.buffer.trusted_at
+        node.page_identity = layer.identity if settled and not direct else None
         self._serve_ourselves(handle, direct)
         return Opened(self._register_file(handle), keep_cache=keep_cache, direct_io=direct,
                       noflush=True)
@@ -354,6 +366,9 @@ class ScacheFS(Passthrough):
         self.demand_waiting += 1
         try:
             return await self.cache.read(layer.buffer, offset, size)
+        except ShortFill:  # it shrank on the store: the store's answer is the answer
+            self._changed_on_store(layer, "it shrank on the store")
+            return await super().read(fh, offset, size)
         except OSError as exc:  # the fill that failed logged it, once for all waiters
             raise FuseError(exc.errno or errno.EIO) from None
         finally:
@@ -479,11 +494,19 @@ class ScacheFS(Passthrough):
                     if node is not None and node.name:  # let the kernel forget the name
                         self._notify(self._notify_entry, node.parent, node.name)
                 elif identity_of(st) != layer.identity:
-                    self.identity_changes[layer.key] += 1
-                    self._drop(layer.key, "it changed on the store")
-                    if node is not None:  # and the pages it read from the old content
-                        node.page_identity = None
-                        self._notify(self._notify_inode, node.ino)
+                    self._changed_on_store(layer, "it changed on the store", node)
+
+    def _changed_on_store(self, layer: Layer, reason: str, node: Inode | None = None) -> None:
+        """Let go of a layer whose content changed on the store, and of the kernel's pages
+        and attributes of it: its handles read the store from now on."""
+        if not layer.active:
+            return
+        self.identity_changes[layer.key] += 1
+        self._drop(layer.key, reason)
+        node = node or self.table.by_key(layer.key)
+        if node is not None:
+            node.page_identity = None
+            self._notify(self._notify_inode, node.ino)
 
     def _notify_entry(self, parent: int, name: bytes) -> None:
         if self.session is not None:

@@ -90,7 +90,9 @@ class Holder:
         self.state_fd = -1
         self._stop: int | None = None  # SIGTERM or SIGINT received
         self._upgrade = False  # SIGHUP received, not yet passed on
+        self._handing_over = False  # an upgrade passed on, its successor not ready yet
         self._ready_seen = False  # a daemon said the mount is live
+        self._daemon_ready = False  # the current daemon serves and handles SIGUSR1
         self._crashes: list[float] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -180,6 +182,7 @@ class Holder:
     def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
         """Start a daemon on our descriptors and wait for it to end; its return code."""
         read_end, write_end = os.pipe()
+        self._daemon_ready = False
         fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd)
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[RESTART_CAUSE_ENV] = cause
@@ -201,8 +204,10 @@ class Holder:
                 return returncode
             except subprocess.TimeoutExpired:
                 pass
-            if self._upgrade:
+            # SIGUSR1 before the daemon handles it would kill it: wait until it says so.
+            if self._upgrade and self._daemon_ready and self._stop is None:
                 self._upgrade = False
+                self._handing_over = True
                 log.info("upgrade requested: the daemon hands over")
                 self.proc.send_signal(signal.SIGUSR1)
             if self._stop is not None and not forwarded:
@@ -214,12 +219,17 @@ class Holder:
         with os.fdopen(fd, "rb") as pipe:
             if pipe.read(1) == b"r":
                 self._ready_seen = True
+                self._daemon_ready = True
+                self._handing_over = False
                 if ready is not None:
                     ready()
                     sd_notify("READY=1")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
-            self._upgrade = True
+            # Requests that arrive while an upgrade is under way are merged into it: its
+            # successor runs the code installed now.
+            if not self._handing_over:
+                self._upgrade = True
         else:
             self._stop = signum

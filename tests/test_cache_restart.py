@@ -9,6 +9,7 @@ store.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
@@ -130,3 +131,61 @@ def test_a_warmed_layer_stays_warm_across_an_upgrade_without_an_open_file(
         assert read_through(mnt / "base.raw") == data
         after = layer_stats(mnt, "base.raw")
         assert after["store_bytes"] == 0, (how, after)
+
+
+def test_a_writer_open_across_a_takeover_still_keeps_its_layer_out_of_the_cache(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Issue 17 item 1: the successor counts the writers it restored, so O_DIRECT readers
+    (qemu's cache=none) read what the writer wrote, not the cache's old bytes."""
+    data = make_file(store / "layer.raw", 2 * MiB, 5)
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=64M", "prefetch=off",
+                          "record=off")
+    buffered = open(mnt / "layer.raw", "rb")
+    direct = os.open(mnt / "layer.raw", os.O_RDONLY | os.O_DIRECT)
+    writer = os.open(mnt / "layer.raw", os.O_RDWR)
+    aligned = mmap.mmap(-1, 64 * KiB)
+    try:
+        assert buffered.read(64 * KiB) == data[:64 * KiB]
+        restart(mount, "kill")
+        for round_ in range(3):
+            new = bytes([round_ + 1]) * (64 * KiB)
+            assert os.pwrite(writer, new, 0) == len(new)
+            assert os.preadv(direct, [aligned], 0) == 64 * KiB
+            assert aligned[:] == new, round_
+    finally:
+        aligned.close()
+        os.close(writer)
+        os.close(direct)
+        buffered.close()
+    assert (store / "layer.raw").read_bytes()[:64 * KiB] == bytes([3]) * (64 * KiB)
+
+
+def test_a_burst_of_upgrade_requests_is_merged_and_never_drops_the_mount(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Issue 17 item 3: SIGHUPs 30 ms apart, some while a successor is still starting: no
+    daemon is killed by an early SIGUSR1, none counts as a crash, no reader sees an error."""
+    data = make_file(store / "layer.raw", 4 * MiB, 6)
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=64M", "prefetch=off",
+                          "record=off")
+    errors: list[str] = []
+    fd = os.open(mnt / "layer.raw", os.O_RDONLY)
+    try:
+        for i in range(150):
+            os.kill(mount.holder_pid, signal.SIGHUP)
+            time.sleep(0.03)
+            try:
+                at = (i * 64 * KiB) % len(data)
+                if os.pread(fd, 4096, at) != data[at:at + 4096]:
+                    errors.append(f"wrong bytes at {at}")
+            except OSError as exc:
+                errors.append(str(exc))
+        time.sleep(1.0)
+        assert os.pread(fd, 4096, 0) == data[:4096]
+    finally:
+        os.close(fd)
+    assert errors == []
+    log = mount.log()
+    assert "crashed" not in log and "killed by" not in log, log[-3000:]
+    generation = int(stats(mnt)["generation"])
+    assert 1 <= generation < 150, generation  # upgrades happened, merged
+    assert mount.proc.poll() is None
