@@ -191,6 +191,7 @@ class Passthrough(Operations):
     def use_journal(self, journal: Journal) -> None:
         """Write every table change to the state a restarted daemon takes over."""
         self.journal = journal
+        journal.fs = self
         self.table.changed = journal.node
         self.table.gone = journal.node_gone
 

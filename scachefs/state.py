@@ -206,6 +206,11 @@ class StateLog:
                            proto_minor=minor, flags=flags, passthrough=bool(passthrough),
                            next_fh=next_fh, restart_ns=restart_ns, cause=cause)
 
+    def invalidate(self) -> None:
+        """Mark the state unusable: a successor then lets the connection go (ENOTCONN)
+        instead of restoring tables that miss a change."""
+        self._map[:8] = b"\0" * 8
+
     def cause(self) -> str:
         length = _HEADER.unpack_from(self._map, 0)[-1]
         return bytes(self._map[_CAUSE_AT:_CAUSE_AT + min(length, _CAUSE_MAX)]).decode(
@@ -260,7 +265,13 @@ class StateLog:
                     raise StateError(f"unknown state record type {kind}")
         except struct.error as exc:
             raise StateError(f"malformed state record: {exc}") from None
-        self._snapshot_bytes = self._end
+        # What a compaction would write now: the live tables, not the log just replayed
+        # (which would let the threshold grow with every takeover).
+        self._snapshot_bytes = _REGION_HEAD.size + sum(
+            _RECORD.size + len(payload) + _CHECK.size for _, payload in (
+                *(node_record(n) for n in nodes.values()),
+                *(file_record(f) for f in files.values()),
+                *(dir_record(fh, nodeid) for fh, nodeid in dirs.items())))
         return Snapshot(int(generation), int(restarts), int(minor), int(flags),
                         bool(passthrough), int(next_fh), int(restart_ns), self.cause(),
                         nodes, files, dirs)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from scachefs import state, syscalls
 from scachefs.inodes import ROOT_INODE, Inode
-from scachefs.state import FileRecord, NodeRecord, Snapshot, StateLog
+from scachefs.state import FileRecord, NodeRecord, Snapshot, StateError, StateLog
 
 if TYPE_CHECKING:
     from scachefs.passthrough import OpenFile, Passthrough
@@ -40,6 +40,28 @@ class Journal:
     def __init__(self, log_: StateLog) -> None:
         self.log = log_
         self.fh_mark = 0
+        self.fs: Passthrough | None = None  # whose tables a compaction writes
+        self.failed = False  # the state could not keep up: a successor cannot take over
+
+    def _append(self, kind: int, payload: bytes) -> None:
+        """Append a record; a full region is compacted at once, never an error for the
+        request that wrote it."""
+        if self.failed:
+            return
+        try:
+            self.log.append(kind, payload)
+            return
+        except StateError:
+            pass
+        try:
+            if self.fs is not None:
+                self.compact(self.fs)
+            self.log.append(kind, payload)  # a record of the live tables: replay is idempotent
+        except StateError as exc:
+            self.failed = True
+            self.log.invalidate()
+            log.error("the state log is full even after compaction (%s): a restart of the "
+                      "daemon will end this mount instead of taking it over", exc)
 
     def node(self, inode: Inode) -> None:
         if inode.handle is None:
@@ -47,35 +69,38 @@ class Journal:
                 inode.handle = syscalls.file_handle(inode.fd)  # in memory: no store I/O
             except OSError:
                 inode.handle = b""  # the store has none: restored by path
-        self.log.append(*state.node_record(NodeRecord(
+        self._append(*state.node_record(NodeRecord(
             inode.ino, inode.parent, inode.nlookup, inode.mode, inode.key[0], inode.key[1],
             inode.name, inode.handle)))
 
     def node_gone(self, ino: int) -> None:
-        self.log.append(*state.gone(state.NODE_GONE, ino))
+        self._append(*state.gone(state.NODE_GONE, ino))
 
     def file(self, fh: int, handle: OpenFile, kind: int) -> None:
-        self.log.append(*state.file_record(FileRecord(fh, handle.inode.ino, handle.flags, kind,
+        self._append(*state.file_record(FileRecord(fh, handle.inode.ino, handle.flags, kind,
                                                       handle.backing_id)))
         if fh >= self.fh_mark:
             self.fh_mark = fh + FH_STEP
             self.log.set_next_fh(self.fh_mark)
 
     def file_gone(self, fh: int) -> None:
-        self.log.append(*state.gone(state.FILE_GONE, fh))
+        self._append(*state.gone(state.FILE_GONE, fh))
 
     def dir(self, fh: int, inode: Inode) -> None:
-        self.log.append(*state.dir_record(fh, inode.ino))
+        self._append(*state.dir_record(fh, inode.ino))
         if fh >= self.fh_mark:
             self.fh_mark = fh + FH_STEP
             self.log.set_next_fh(self.fh_mark)
 
     def dir_gone(self, fh: int) -> None:
-        self.log.append(*state.gone(state.DIR_GONE, fh))
+        self._append(*state.gone(state.DIR_GONE, fh))
 
     def compact_if_needed(self, fs: Passthrough) -> None:
-        if not self.log.needs_compaction():
-            return
+        if not self.failed and self.log.needs_compaction():
+            self.compact(fs)
+
+    def compact(self, fs: Passthrough) -> None:
+        """Write the live tables as the new log (StateError if they do not fit)."""
         records: list[tuple[int, bytes]] = []
         for inode in fs.table:
             records.append(state.node_record(NodeRecord(
