@@ -32,6 +32,8 @@ from scachefs.takeover import Journal, restore
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE = 10.0  # seconds open files may go on after SIGTERM before the connection ends
+
 EXIT_HANDOVER = 75  # stopped serving on request, so that a successor takes over
 EXIT_STATE_LOST = 76  # could not take over: the state cannot be trusted
 COMPACT_EVERY = 5.0  # seconds between checks whether the state log wants compacting
@@ -117,8 +119,17 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
                     log.info("received %s, unmounting", signal.Signals(signum).name)
                     sd_notify("STOPPING=1")
                     # Lazily: the kernel ends the connection (our loop sees it) once no
-                    # file under the mount is open any more.
+                    # file under the mount is open any more ...
                     await trio.to_thread.run_sync(fuse_mount.unmount, mountpoint, session.fd)
+                    # ... unless files stay open, or another mount namespace holds a copy
+                    # of the mount: then we end it, so a stop always ends (they get
+                    # ENOTCONN once our holder closes the last /dev/fuse descriptor).
+                    await trio.sleep(STOP_GRACE)
+                    log.warning("the mount is still in use %.0f s after %s (open files, or "
+                                "a copy in another mount namespace): ending the connection; "
+                                "its users get ENOTCONN", STOP_GRACE,
+                                signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
                     return
 
         async def compact() -> None:

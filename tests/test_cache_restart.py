@@ -13,6 +13,7 @@ import mmap
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -189,3 +190,38 @@ def test_a_burst_of_upgrade_requests_is_merged_and_never_drops_the_mount(
     generation = int(stats(mnt)["generation"])
     assert 1 <= generation < 150, generation  # upgrades happened, merged
     assert mount.proc.poll() is None
+
+
+def test_sigterm_ends_the_mount_even_when_another_namespace_holds_a_copy(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Issue 17 item 5: a container started while the mount existed copied it; SIGTERM
+    still ends the holder and its daemon in bounded time, and the copy gets ENOTCONN."""
+    from scachefs.daemon import STOP_GRACE
+
+    make_file(store / "f.raw", MiB, 7)
+    mount = mount_factory(store, mnt, "allow_other")
+    other = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{other.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen = run("nsenter", "-t", str(other.pid), "-m", "cat", mnt / "f.raw", check=False)
+        assert seen.returncode == 0, seen.stderr
+        daemon = mount.pid
+        started = time.monotonic()
+        os.kill(mount.holder_pid, signal.SIGTERM)
+        code = mount.proc.wait(timeout=STOP_GRACE + 20)
+        took = time.monotonic() - started
+        assert code == 0, mount.log()[-2000:]
+        assert took < STOP_GRACE + 10, took
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{daemon}"):
+            assert time.monotonic() < deadline, "the daemon outlived its holder"
+            time.sleep(0.1)
+        after = run("nsenter", "-t", str(other.pid), "-m", "stat", mnt / "f.raw", check=False)
+        assert after.returncode != 0 and "not connected" in after.stderr, after
+        assert "still in use" in mount.log()
+    finally:
+        other.kill()
+        other.wait()
