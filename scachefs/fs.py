@@ -62,6 +62,9 @@ class LayerHandle(OpenFile):
 
     layer: Layer | None = None
     counted_writer: bool = False  # counted in ScacheFS.writers until released
+    # Opened for writing beside a cached layer, not written yet (libvirt restoring an
+    # owner opens O_RDWR and never writes): served by us, so its first write is seen.
+    idle_writer: bool = False
 
 
 def _real_parent(path: str) -> str:
@@ -257,6 +260,13 @@ class ScacheFS(Passthrough):
             del self.writers[key]
         self.changes[key] += 1
 
+    def _changing(self, handle: OpenFile) -> None:
+        """A handle is about to change its file: an idle writer becomes a writer now
+        (the layer's cache goes before the change can be read)."""
+        if isinstance(handle, LayerHandle) and handle.idle_writer:
+            handle.idle_writer = False
+            self._writer_opened(handle)
+
     def _new_handle(self, fd: int, node: Inode, flags: int) -> OpenFile:
         return LayerHandle(fd, node, flags)
 
@@ -289,6 +299,15 @@ class ScacheFS(Passthrough):
         await self._probe(handle, st)
         key = node.key
         if handle.writable:
+            layer = self.layers.get(key)
+            if layer is not None and layer.active and not handle.flags & os.O_TRUNC:
+                # The cache stays until this handle changes the file: we serve it, so its
+                # first write, fallocate or copy reaches us (and drops the cache) first.
+                handle.idle_writer = True
+                self.changes[key] += 1
+                direct = self._direct_io(handle)
+                self._serve_ourselves(handle, direct)
+                return Opened(self._register_file(handle), direct_io=direct)
             self._writer_opened(handle)
             return self._plain(handle, st)
         # Beside a passthrough open the kernel takes passthrough opens only.
@@ -373,6 +392,19 @@ class ScacheFS(Passthrough):
             raise FuseError(exc.errno or errno.EIO) from None
         finally:
             self.demand_waiting -= 1
+
+    async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
+        self._changing(self.files[fh])
+        return await super().write(fh, offset, data, kill_suidgid)
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        self._changing(self.files[fh])
+        await super().fallocate(fh, offset, length, mode)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int, flags: int) -> int:
+        self._changing(self.files[fh_out])
+        return await super().copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)
