@@ -482,7 +482,13 @@ class ScacheFS(Passthrough):
         if not isinstance(handle, LayerHandle) or handle.layer is not None:
             return
         node = handle.inode
-        st = await self.workers.run(os.fstat, handle.fd)
+        # Our own copy: a RELEASE may close the handle's descriptor (and its number be
+        # reused) while the fstat runs in a worker.
+        fd = os.dup(handle.fd)
+        try:
+            st = await self.workers.run(os.fstat, fd)
+        finally:
+            os.close(fd)
         if self.files.get(fh) is not handle or node.passthrough_opens or self.writers[node.key]:
             return  # gone meanwhile, or read from the store while a writer is open
         path = self.shadow.path_of(node.key) or os.fsdecode(self.table.relpath(node) or b"?")

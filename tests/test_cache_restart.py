@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -225,3 +226,58 @@ def test_sigterm_ends_the_mount_even_when_another_namespace_holds_a_copy(
     finally:
         other.kill()
         other.wait()
+
+
+def test_random_restarts_under_readers_of_more_layers_than_the_budget_holds(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """Readers of three layers (18 MiB under an 8 MiB budget) compare every byte with the
+    store while the daemon is SIGKILLed or upgraded at random moments."""
+    layers = {f"l{i}.raw": make_file(store / f"l{i}.raw", 6 * MiB, 30 + i) for i in range(3)}
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=8M", "chunk_size=16K",
+                          "prefetch=off", "record=off")
+    stop = threading.Event()
+    errors: list[str] = []
+    reads = [0]
+
+    def reader(seed: int) -> None:
+        rnd = random.Random(seed)
+        buf = mmap.mmap(-1, 256 * KiB)
+        try:
+            while not stop.is_set():
+                name = rnd.choice(sorted(layers))
+                want = layers[name]
+                length = rnd.choice((4, 16, 64, 256)) * KiB
+                at = rnd.randrange(0, len(want) - length + 1, 4 * KiB)
+                direct = rnd.random() < 0.5
+                try:
+                    fd = os.open(mnt / name, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                    try:
+                        with memoryview(buf) as whole, whole[:length] as view:
+                            got = os.preadv(fd, [view], at)
+                            if bytes(view[:got]) != want[at:at + length]:
+                                errors.append(f"wrong bytes: {name} {at}+{length} "
+                                              f"direct={direct}")
+                    finally:
+                        os.close(fd)
+                    reads[0] += 1
+                except OSError as exc:
+                    errors.append(f"{name} {at}+{length}: {exc}")
+        finally:
+            buf.close()
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    rnd = random.Random(42)
+    try:
+        for i in range(8):
+            time.sleep(rnd.uniform(0.3, 1.2))
+            restart(mount, "kill" if i % 2 == 0 else "upgrade")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert errors == [], errors[:10]
+    assert reads[0] > 500, reads
+    assert int(stats(mnt)["generation"]) == 8
