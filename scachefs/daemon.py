@@ -26,6 +26,7 @@ from scachefs.fs import ScacheFS
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
 from scachefs.fuse.session import Session
+from scachefs.keeper import Keeper
 from scachefs.options import MountOptions
 from scachefs.sdnotify import sd_notify
 from scachefs.takeover import Journal, restore
@@ -48,6 +49,7 @@ class Descriptors:
     state: int | None = None
     ready: int | None = None
     arena: int | None = None
+    keeper: int | None = None  # the holder keeps copies of open files (keeper.py)
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, cause: str,
@@ -58,6 +60,10 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
     session = Session(fds.fuse, ops, max_tasks=opts.max_tasks)
     ops.session = session
     resume: tuple[int, int] | None = None
+    kept: dict[int, int] = {}
+    if fds.keeper is not None:
+        ops.keeper = Keeper(fds.keeper)
+        kept = ops.keeper.received()
     if fds.state is not None:
         statelog = state.StateLog(fds.state)
         if statelog.initialized():
@@ -67,7 +73,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
             except state.StateError as exc:
                 log.error("cannot take over the mount: its state is corrupt (%s)", exc)
                 return EXIT_STATE_LOST
-            done = restore(ops, snap)
+            done = restore(ops, snap, kept)
             ops.restored()  # the writers among the open files: their layers stay uncached
             ops.generation = statelog.begin_generation(cause, time.time_ns())
             ops.restart = {"generation": ops.generation, "cause": cause,
@@ -88,6 +94,9 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
             session.on_init = initialized
         ops.use_journal(Journal(statelog))
         ops.holder_pid = os.getppid()
+    for fd in kept.values():  # files the state does not know (any more): not ours
+        os.close(fd)
+    kept.clear()
     log.info("serving %s on %s (cache budget %d MiB, %d open files at most)", source,
              mountpoint, opts.cache_budget() >> 20, ops.fd_limit)
     return trio.run(_serve, ops, session, mountpoint, ready, resume)

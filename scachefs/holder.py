@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from scachefs import arena, state
+from scachefs import arena, keeper, state
 from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
@@ -95,6 +95,7 @@ class Holder:
         self._daemon_ready = False  # the current daemon serves and handles SIGUSR1
         self._crashes: list[float] = []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.kept = keeper.Kept()  # copies of the daemons' open files (see keeper.py)
 
     # -------------------------------------------------------------- running
     def run(self, ready: Callable[[], None], stored: dict[str, int] | None = None) -> int:
@@ -150,6 +151,7 @@ class Holder:
             os.close(self.fuse_fd)
             os.close(self.state_fd)
             os.close(self.arena_fd)
+            self.kept.close()
             for name in FDSTORE_NAMES:
                 sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
             log.info("unmounted %s", self.spec.mountpoint)
@@ -183,7 +185,9 @@ class Holder:
         """Start a daemon on our descriptors and wait for it to end; its return code."""
         read_end, write_end = os.pipe()
         self._daemon_ready = False
-        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd)
+        ours, theirs = keeper.pair()
+        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd,
+               theirs.fileno())
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[RESTART_CAUSE_ENV] = cause
         argv = [sys.executable, "-m", "scachefs", "--serve-fds",
@@ -193,6 +197,9 @@ class Holder:
         self.proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=fds, env=env,
                                      stdin=subprocess.DEVNULL)
         os.close(write_end)
+        theirs.close()
+        threading.Thread(target=self.kept.serve, args=(ours,), daemon=True,
+                         name="keeper").start()
         waiter = threading.Thread(target=self._wait_ready, args=(read_end, ready),
                                   daemon=True, name="ready")
         waiter.start()

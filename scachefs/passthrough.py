@@ -30,6 +30,7 @@ from scachefs.fuse import abi
 from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
 from scachefs.fuse.session import DirBuffer, Session
 from scachefs.inodes import Inode, InodeTable
+from scachefs.keeper import Keeper
 from scachefs.options import MountOptions
 from scachefs.takeover import KIND_CACHED, KIND_PASSTHROUGH, Journal
 from scachefs.workers import WorkerPool
@@ -187,6 +188,7 @@ class Passthrough(Operations):
         # Reads and writes of plain files that reached the daemon (with passthrough: none).
         self.daemon_io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
         self.journal: Journal | None = None  # with a holder: the state a successor restores
+        self.keeper: Keeper | None = None  # with a holder: it pins our open files
 
     def use_journal(self, journal: Journal) -> None:
         """Write every table change to the state a restarted daemon takes over."""
@@ -407,6 +409,8 @@ class Passthrough(Operations):
         self.files[fh] = handle
         if self.journal is not None:
             self.journal.file(fh, handle, self.file_kind(handle))
+        if self.keeper is not None:  # the holder pins the file should we die
+            self.keeper.keep(fh, handle.fd)
         return fh
 
     def _unregister_file(self, fh: int) -> OpenFile | None:
@@ -415,6 +419,8 @@ class Passthrough(Operations):
         handle = self.files.pop(fh, None)
         if handle is not None and self.journal is not None:
             self.journal.file_gone(fh)
+        if handle is not None and self.keeper is not None:
+            self.keeper.drop(fh)
         return handle
 
     def _adopt_dir(self, fh: int, fd: int, node: Inode) -> None:

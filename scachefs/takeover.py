@@ -149,8 +149,27 @@ def _open_node(rec: NodeRecord, root_rd: int, parent: Inode | None) -> int | Non
     return fd
 
 
-def restore(fs: Passthrough, snap: Snapshot) -> Restored:
-    """Rebuild ``fs``'s tables from a snapshot (blocking: run it in a worker thread)."""
+def _node_of_kept_file(rec: NodeRecord, snap: Snapshot, kept: dict[int, int]) -> int | None:
+    """An O_PATH descriptor of a node that is gone from the store's namespace but kept
+    open by the holder (deleted or replaced while open), or None."""
+    for fh, frec in snap.files.items():
+        fd = kept.get(fh)
+        if frec.nodeid != rec.nodeid or fd is None:
+            continue
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (rec.dev, rec.ino):
+            return os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+    return None
+
+
+def restore(fs: Passthrough, snap: Snapshot, kept: dict[int, int] | None = None) -> Restored:
+    """Rebuild ``fs``'s tables from a snapshot (blocking: run it in a worker thread).
+
+    ``kept``: the holder's copies of the open files' descriptors, by fh (keeper.py).
+    An open file uses its copy (taken from ``kept``), so a file deleted or replaced
+    on the store while open is still the same file, and so is its node.
+    """
+    kept = {} if kept is None else kept
     done = Restored()
     root_rd = os.open(fs.table.root.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -170,6 +189,8 @@ def restore(fs: Passthrough, snap: Snapshot) -> Restored:
                 progress = True
                 fd = _open_node(rec, root_rd, parent)
                 if fd is None:
+                    fd = _node_of_kept_file(rec, snap, kept)
+                if fd is None:
                     done.lost_nodes += 1
                     continue
                 inode = Inode(rec.nodeid, fd, (rec.dev, rec.ino), stat.S_IFMT(rec.mode),
@@ -180,10 +201,15 @@ def restore(fs: Passthrough, snap: Snapshot) -> Restored:
         done.lost_nodes += len(pending)
         for fh, frec in sorted(snap.files.items()):
             node = fs.table.get(frec.nodeid)
+            fd = kept.pop(fh, None)
+            if node is None:
+                if fd is not None:
+                    os.close(fd)
+                done.lost_files += 1
+                continue
             try:
-                if node is None:
-                    raise OSError("its node is gone")
-                fd = os.open(node.proc_path, (frec.flags & ~_REOPEN_STRIP) | os.O_CLOEXEC)
+                if fd is None:
+                    fd = os.open(node.proc_path, (frec.flags & ~_REOPEN_STRIP) | os.O_CLOEXEC)
             except OSError:
                 done.lost_files += 1
                 continue

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from scachefs.arena import arena_bytes, slots_for
 from tests.conftest import MountFactory
 from tests.mounting import Mount, run
@@ -281,3 +283,35 @@ def test_random_restarts_under_readers_of_more_layers_than_the_budget_holds(
     assert errors == [], errors[:10]
     assert reads[0] > 500, reads
     assert int(stats(mnt)["generation"]) == 8
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted"])
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_a_file_replaced_on_the_store_while_open_survives_a_takeover(
+        store: Path, mnt: Path, mount_factory: MountFactory, how: str, direct: bool) -> None:
+    """Issue 17 item 2: Nova replaces bases by rename under running VMs; a later crash
+    must not turn their open base into EIO. The holder keeps a copy of every open file."""
+    old = make_file(store / "base.raw", 2 * MiB, 8)
+    mount = mount_factory(store, mnt, "layers=all", "cache_size=1M", "chunk_size=64K",
+                          "prefetch=off", "record=off")
+    fd = os.open(mnt / "base.raw", os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    buf = mmap.mmap(-1, 64 * KiB)
+    try:
+        assert os.preadv(fd, [buf], 0) == 64 * KiB and buf[:] == old[:64 * KiB]
+        if how == "replaced":
+            make_file(store / "base.new", 2 * MiB, 9)
+            os.rename(store / "base.new", store / "base.raw")
+        else:
+            os.unlink(store / "base.raw")
+        restart(mount, "kill")
+        for at in range(0, 2 * MiB, 256 * KiB):  # mostly never read before: from the store
+            assert os.preadv(fd, [buf], at) == 64 * KiB, at
+            assert buf[:] == old[at:at + 64 * KiB], at
+        assert os.fstat(fd).st_size == 2 * MiB
+        restart(mount, "upgrade")
+        assert os.preadv(fd, [buf], MiB + 64 * KiB) == 64 * KiB
+        assert buf[:] == old[MiB + 64 * KiB:MiB + 128 * KiB]
+    finally:
+        buf.close()
+        os.close(fd)
+    assert "lost" not in mount.log().split("generation 1")[-1].split("\n")[0]
