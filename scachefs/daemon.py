@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import trio
 
-from scachefs import state
+from scachefs import crashpoints, state
 from scachefs.fs import ScacheFS
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
@@ -76,6 +76,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
             done = restore(ops, snap, kept)
             ops.restored()  # the writers among the open files: their layers stay uncached
             ops.generation = statelog.begin_generation(cause, time.time_ns())
+            crashpoints.arm(ops.generation)
             ops.restart = {"generation": ops.generation, "cause": cause,
                            "time": time.time(), "restored_nodes": done.nodes,
                            "restored_files": done.files, "lost_nodes": done.lost_nodes,
@@ -92,6 +93,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
                 statelog.start(minor, flags, bool(flags & abi.PASSTHROUGH))
 
             session.on_init = initialized
+            crashpoints.arm(0)
         ops.use_journal(Journal(statelog))
         ops.holder_pid = os.getppid()
     for fd in kept.values():  # files the state does not know (any more): not ours

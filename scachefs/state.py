@@ -31,10 +31,13 @@ from collections.abc import Iterator
 
 import xxhash
 
+from scachefs import crashpoints
+
 MAGIC = b"SCSTATE1"
 HEADER_SIZE = 4096
 REGION_SIZE = 256 << 20  # sparse: only written pages take memory
-COMPACT_AT = 8 << 20  # compact once the active log holds this many bytes ...
+# compact once the active log holds this many bytes (tests may lower it) ...
+COMPACT_AT = int(os.environ.get("SCACHEFS_COMPACT_AT", 8 << 20))
 COMPACT_RATIO = 4  # ... and is this many times the size of a snapshot
 
 # header: magic, version, active region, generation, restarts, proto_minor, flags,
@@ -193,7 +196,7 @@ class StateLog:
 
     def needs_compaction(self) -> bool:
         return (self._end > COMPACT_AT
-                and self._end > COMPACT_RATIO * max(self._snapshot_bytes, 1 << 16))
+                and self._end > COMPACT_RATIO * max(self._snapshot_bytes, min(COMPACT_AT, 1 << 16)))
 
     def compact(self, records: list[tuple[int, bytes]]) -> None:
         """Write the live tables to the other region, then make it the active one."""
@@ -202,6 +205,7 @@ class StateLog:
         cause = self.cause()
         other = 1 - self._active
         self._snapshot_bytes = self._write_region(other, self._epoch + 1, records)
+        crashpoints.reached("compact")  # the new region is written, not yet the active one
         self._write_header(active=other, generation=generation, restarts=restarts,
                            proto_minor=minor, flags=flags, passthrough=bool(passthrough),
                            next_fh=next_fh, restart_ns=restart_ns, cause=cause)

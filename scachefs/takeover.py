@@ -18,7 +18,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from scachefs import state, syscalls
+from scachefs import crashpoints, state, syscalls
 from scachefs.inodes import ROOT_INODE, Inode
 from scachefs.state import FileRecord, NodeRecord, Snapshot, StateError, StateLog
 
@@ -48,8 +48,10 @@ class Journal:
         request that wrote it."""
         if self.failed:
             return
+        crashpoints.reached("journal-before")
         try:
             self.log.append(kind, payload)
+            crashpoints.reached("journal-after")
             return
         except StateError:
             pass
