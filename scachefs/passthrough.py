@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -25,9 +26,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from scachefs import syscalls
+import trio
+
+from scachefs import locks, syscalls
 from scachefs.fuse import abi
-from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
+from scachefs.fuse.ops import (
+    Attr,
+    Entry,
+    FuseError,
+    Lock,
+    Opened,
+    Operations,
+    Request,
+    SetAttr,
+)
 from scachefs.fuse.session import DirBuffer, Session
 from scachefs.inodes import Inode, InodeTable
 from scachefs.keeper import Keeper
@@ -50,7 +62,7 @@ _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, 
                             errno.ENOTCONN, errno.ETIMEDOUT})
 # INIT flags a passthrough of a directory tree wants from the kernel.
 _WANTED = (abi.EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
-           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2)
+           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2 | abi.POSIX_LOCKS | abi.FLOCK_LOCKS)
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,6 +74,8 @@ class OpenFile:
     flags: int
     backing_id: int = 0  # the kernel does this handle's I/O (passthrough)
     cached: bool = False  # served by us through the kernel's page cache
+    # POSIX/OFD lock owners that took locks through this open file (see locks.py).
+    lock_owners: set[int] = dataclasses.field(default_factory=set)
 
     @property
     def writable(self) -> bool:
@@ -637,8 +651,44 @@ class Passthrough(Operations):
         self.daemon_io["write_bytes"] += written
         return written
 
-    async def flush(self, fh: int) -> None:
-        await self.workers.run(_flush, self.files[fh].fd)
+    async def flush(self, fh: int, lock_owner: int = 0) -> None:
+        handle = self.files[fh]
+        owners = handle.lock_owners
+        if lock_owner in owners:  # a POSIX owner closed a descriptor: its locks go
+            owners.discard(lock_owner)
+            if not owners:
+                await self.workers.run(locks.unlock_all, handle.fd)
+        await self.workers.run(_flush, handle.fd)
+
+    # ------------------------------------------------------------------ locks
+    async def getlk(self, fh: int, owner: int, lock: Lock) -> Lock:
+        handle = self.files[fh]
+        if lock.flock:  # flock() has no F_GETLK
+            return Lock(fcntl.F_UNLCK, lock.start, lock.end)
+        ltype, start, end, pid = await self.workers.run(locks.get, handle.fd, lock.type,
+                                                        lock.start, lock.end)
+        return Lock(ltype, start, end, pid)
+
+    async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """The lock on the store, through this open file's own descriptor (locks.py);
+        a wait polls (backing off to 50 ms) so that no worker thread is held by it."""
+        handle = self.files[fh]
+        if lock.type != fcntl.F_UNLCK and not lock.flock:
+            handle.lock_owners.add(owner)
+        delay = 0.001
+        while True:
+            try:
+                if lock.flock:
+                    await self.workers.run(locks.set_flock, handle.fd, lock.type)
+                else:
+                    await self.workers.run(locks.set_range, handle.fd, lock.type, lock.start,
+                                           lock.end)
+                return
+            except OSError as exc:
+                if not wait or exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)
