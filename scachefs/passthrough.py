@@ -60,8 +60,10 @@ _CAPS_XATTR = b"security.capability"
 # Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
                             errno.ENOTCONN, errno.ETIMEDOUT})
-# INIT flags a passthrough of a directory tree wants from the kernel.
-_WANTED = (abi.EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+# INIT flags a passthrough of a directory tree wants from the kernel. No export support
+# (NO_EXPORT_SUPPORT): a handle would resolve by node id alone once the kernel forgot the
+# inode, and our node ids are store inode numbers, which the store reuses.
+_WANTED = (abi.NO_EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
            | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2 | abi.POSIX_LOCKS | abi.FLOCK_LOCKS)
 
 

@@ -163,3 +163,4 @@ def test_qemu_on_a_second_host_cannot_take_the_image_a_vm_runs_on(
         vm.kill()
         vm.wait()
     run("qemu-io", "-c", "read 0 4k", b.mountpoint / "vm.qcow2")  # free again
+
