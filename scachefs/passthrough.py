@@ -474,8 +474,10 @@ class Passthrough(Operations):
                 kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
                 if st.st_mode & kill and stat.S_ISREG(st.st_mode):
                     os.chmod(node.proc_path, stat.S_IMODE(st.st_mode) & ~kill)
-            if changes.atime_ns is not None or changes.mtime_ns is not None:
-                syscalls.utimens_fd(node.fd, changes.atime_ns, changes.mtime_ns)
+            if (changes.atime_ns is not None or changes.mtime_ns is not None
+                    or changes.atime_now or changes.mtime_now):
+                syscalls.utimens_fd(node.fd, changes.atime_ns, changes.mtime_ns,
+                                    atime_now=changes.atime_now, mtime_now=changes.mtime_now)
             return os.fstat(node.fd)
 
         st = await self.workers.run(work)

@@ -35,7 +35,6 @@ SESSION_FLAGS = (abi.ASYNC_READ | abi.BIG_WRITES | abi.MAX_PAGES | abi.INIT_EXT
                  | abi.PARALLEL_DIROPS | abi.ASYNC_DIO)
 MAX_BACKGROUND = 64  # async requests in flight (aio reads of qemu's cache=none)
 CONGESTION_THRESHOLD = 48
-UTIME_NOW = (1 << 30) - 1
 _CHECKPOINT_EVERY = 32  # inline answers between checkpoints: spawned tasks get to run
 
 
@@ -463,12 +462,14 @@ class Session:
             size=size if valid & abi.FATTR_SIZE else None,
             fh=fh if valid & abi.FATTR_FH else None,
             kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID))
+        # *_NOW: the caller asked for the current time (UTIME_NOW); the time fields
+        # then carry nothing, and the store sets its own clock's time.
         if valid & abi.FATTR_ATIME_NOW:
-            changes.atime_ns = UTIME_NOW
+            changes.atime_now = True
         elif valid & abi.FATTR_ATIME:
             changes.atime_ns = atime * 1_000_000_000 + atimensec
         if valid & abi.FATTR_MTIME_NOW:
-            changes.mtime_ns = UTIME_NOW
+            changes.mtime_now = True
         elif valid & abi.FATTR_MTIME:
             changes.mtime_ns = mtime * 1_000_000_000 + mtimensec
         self._reply_attr(req.unique, await self.ops.setattr(nodeid, changes, req))

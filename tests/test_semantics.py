@@ -1,0 +1,237 @@
+"""The store's answers through the mount: the same operation, as the same user, on a store
+file and on the same kind of file through an ``allow_other`` mount, gives the same result.
+
+Each test covers a class (every time field and special value, every signed offset,
+every xattr namespace on symlinks), not one case: ``tests/sameop.py`` runs one
+operation as the given user and reports its errno and value, once on the store and
+once through the mount.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import pwd
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scachefs import arena, traces
+from scachefs.traces import Boot, LayerId, TraceFile
+from tests.mounting import USER, Mount, run
+from tests.test_qemu_passthrough import make_base, qemu_io
+from tests.test_shadow_cache import layer_stats, overlay
+
+PYTHON = "/usr/bin/python3"  # the test user cannot reach the venv under /root
+SAMEOP = str(Path(__file__).with_name("sameop.py"))
+NS = 1_000_000_000
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """pytest's tmp_path is private to root; the test user must reach store and mount."""
+    path = Path(tempfile.mkdtemp(prefix="scachefs-sem-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def store(public_dir: Path) -> Path:
+    (public_dir / "store").mkdir(mode=0o755)
+    return public_dir / "store"
+
+
+@pytest.fixture
+def mnt(public_dir: Path) -> Path:
+    (public_dir / "mnt").mkdir(mode=0o755)
+    return public_dir / "mnt"
+
+
+def op(user: str | None, *args: str | int | os.PathLike[str]) -> dict[str, object]:
+    """Run one sameop.py operation as ``user`` (None: root); its {"errno", "value"}."""
+    out = run(PYTHON, SAMEOP, *(os.fspath(a) if isinstance(a, os.PathLike) else str(a)
+                                for a in args), user=user).stdout
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def ns_at(year: int, month: int = 1, day: int = 1, extra_ns: int = 0) -> int:
+    return calendar.timegm((year, month, day, 0, 0, 0)) * NS + extra_ns
+
+
+# ----------------------------------------------------------------------------- times
+START = ns_at(2020, 6, 1, 500_000_000)  # every file's atime and mtime before the operation
+# (atime, mtime) as sameop.utimens takes them: nanoseconds, NOW, OMIT; NULL: utimes(NULL)
+TIME_CASES = {
+    "touch": ("NULL", "NULL"),
+    "now-both": ("NOW", "NOW"),
+    "now-atime-omit-mtime": ("NOW", "OMIT"),
+    "omit-atime-now-mtime": ("OMIT", "NOW"),
+    "omit-both": ("OMIT", "OMIT"),
+    "pre-1970": (str(ns_at(1960, 1, 1, 123_456_789)), str(-1)),  # and 1 ns before 1970
+    "1901": (str(ns_at(1901, 12, 14)), str(ns_at(1969, 12, 31, 999_999_999))),
+    "epoch": ("0", "0"),
+    # The numbers UTIME_NOW and UTIME_OMIT mean as nanoseconds are plain times here.
+    "utime-now-as-a-time": (str((1 << 30) - 1), str((1 << 30) - 2)),
+    "far-future": (str(ns_at(2100, 1, 1, 1)), str(ns_at(2400, 2, 29, 999_999_999))),
+    "past-2038": (str(ns_at(2038, 1, 19) + 3 * 3600 * NS + 15 * 60 * NS + 8 * NS),
+                  str(ns_at(2106, 2, 7, 7))),
+    "nanoseconds": ("1700000000999999999", "1700000000000000001"),
+    "explicit-atime-omit-mtime": (str(ns_at(1950, 5, 5, 5)), "OMIT"),
+    "omit-atime-now-explicit": ("OMIT", str(ns_at(1999, 12, 31, 999_999_999))),
+    "explicit-atime-now-mtime": (str(ns_at(1969, 7, 20, 1)), "NOW"),
+}
+# Who calls: the file's owner and mode decide what the store allows (explicit times: the
+# owner only; NOW: also a writer; others: neither).
+CALLERS = {"root": (None, 0o644, False), "owner": (USER, 0o644, True),
+           "writer": (USER, 0o666, False), "reader": (USER, 0o644, False)}
+
+
+def _new_file(path: Path, mode: int, user_owns: bool) -> None:
+    path.write_bytes(b"data")
+    path.chmod(mode)
+    if user_owns:
+        pw = pwd.getpwnam(USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.utime(path, ns=(START, START))
+
+
+def _check_times(name: str, case: tuple[str, str], refused: bool, before: int, after: int,
+                 direct: list[int], through: list[int]) -> None:
+    """``direct`` and ``through``: (atime, mtime) of the store files after the operation."""
+    for slot, spec in enumerate(case):
+        label = f"{name}: {'am'[slot]}time"
+        if refused:
+            assert direct[slot] == through[slot] == START, (label, through, direct)
+        elif spec in ("NOW", "NULL"):
+            # The store's clock (coarse: up to a tick behind the fine clock).
+            assert before - 50_000_000 <= direct[slot] <= after, (label, direct)
+            assert before - 50_000_000 <= through[slot] <= after, (label, through)
+        else:
+            assert through[slot] == direct[slot], (label, through, direct)
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+@pytest.mark.parametrize("use_fd", [False, True], ids=["utimensat", "futimens"])
+def test_times_are_set_as_the_store_sets_them(store: Path, mnt: Path, mounted: Mount,
+                                              user: pwd.struct_passwd, caller: str,
+                                              use_fd: bool) -> None:
+    """Every special value and range of utimensat, as each kind of caller."""
+    who, mode, user_owns = CALLERS[caller]
+    if use_fd and caller == "reader":
+        pytest.skip("a reader cannot open the file for writing: futimens never runs")
+    for name, case in TIME_CASES.items():
+        if use_fd and case[0] == "NULL":
+            continue
+        _new_file(store / f"direct-{name}", mode, user_owns)
+        _new_file(store / f"through-{name}", mode, user_owns)
+    outcomes = set()
+    for name, case in TIME_CASES.items():
+        if use_fd and case[0] == "NULL":
+            continue
+        args = ("futimens", case[0], case[1]) if use_fd else ("utimens", *case)
+        before = time.time_ns()
+        direct = op(who, args[0], store / f"direct-{name}", *args[1:])
+        through = op(who, args[0], mnt / f"through-{name}", *args[1:])
+        after = time.time_ns()
+        assert through["errno"] == direct["errno"], (name, through, direct)
+        outcomes.add(direct["errno"])
+        st_direct = os.stat(store / f"direct-{name}")
+        st_store = os.stat(store / f"through-{name}")
+        _check_times(name, case, direct["errno"] != 0, before, after,
+                     [st_direct.st_atime_ns, st_direct.st_mtime_ns],
+                     [st_store.st_atime_ns, st_store.st_mtime_ns])
+        # What the mount reports is what the store holds, to the nanosecond.
+        st_mnt = os.stat(mnt / f"through-{name}")
+        assert (st_mnt.st_atime_ns, st_mnt.st_mtime_ns, st_mnt.st_ctime_ns) == (
+            st_store.st_atime_ns, st_store.st_mtime_ns, st_store.st_ctime_ns), name
+    # Not vacuous: the owner may do everything, the others only some of it.
+    assert outcomes == ({0} if who is None or user_owns else {0, "EPERM"} if use_fd
+                        or caller == "writer" else {0, "EPERM", "EACCES"}), outcomes
+
+
+def test_touch_sets_the_stores_time_not_1970(store: Path, mnt: Path, mounted: Mount,
+                                             user: pwd.struct_passwd) -> None:
+    """touch(1), as the owner and as a writer who does not own the file."""
+    (store / "f").write_bytes(b"")
+    os.utime(store / "f", ns=(START, START))
+    before = time.time_ns() - 50_000_000
+    run("touch", mnt / "f")
+    run("touch", mnt / "new")
+    st = os.stat(store / "f")
+    assert st.st_atime_ns >= before and st.st_mtime_ns >= before, st
+    assert os.stat(store / "new").st_mtime_ns >= before
+    (store / "g").write_bytes(b"")
+    (store / "g").chmod(0o666)
+    os.utime(store / "g", ns=(START, START))
+    run("touch", mnt / "g", user=USER)  # a writer may set "now"...
+    assert os.stat(store / "g").st_mtime_ns >= before
+    result = run("touch", "-d", "2001-01-01", mnt / "g", user=USER, check=False)
+    assert result.returncode != 0 and "Operation not permitted" in result.stderr  # ...only
+    run("touch", "-d", "1960-01-01 12:00:00.25", mnt / "f")
+    assert os.stat(store / "f").st_mtime_ns == ns_at(1960, 1, 1, (12 * 3600) * NS + NS // 4)
+
+
+def test_store_times_before_1970_and_after_2038_are_shown(store: Path, mnt: Path,
+                                                           mounted: Mount) -> None:
+    """Files the store already holds with such times: stat, ls and readdir work."""
+    times = {"old": (ns_at(1960, 1, 1, 1), ns_at(1901, 12, 14, 999_999_999)),
+             "minus-one-ns": (-1, -NS),
+             "future": (ns_at(2300, 1, 1, 7), ns_at(2446, 5, 10))}
+    (store / "dir").mkdir()
+    for name, (atime, mtime) in times.items():
+        for where in (store, store / "dir"):
+            (where / name).write_bytes(b"x")
+            os.utime(where / name, ns=(atime, mtime))
+    os.utime(store / "dir", ns=times["old"])
+    listing = run("ls", "-la", "--full-time", mnt / "dir").stdout
+    assert "1901-12-14" in listing and "2446-05-10" in listing, listing
+    for name, (atime, mtime) in times.items():
+        for sub in ("", "dir"):
+            st_mnt = os.stat(mnt / sub / name)
+            st_store = os.stat(store / sub / name)
+            assert (st_mnt.st_atime_ns, st_mnt.st_mtime_ns) == (atime, mtime), name
+            assert st_mnt.st_ctime_ns == st_store.st_ctime_ns
+    assert os.stat(mnt / "dir").st_mtime_ns == times["old"][1]  # (ls moved its atime)
+    assert sorted(e.name for e in os.scandir(mnt / "dir")) == sorted(times)
+
+
+def test_layer_times_before_1970_and_touch(store: Path, mnt: Path, mounted: Mount) -> None:
+    """A base with a 1960 mtime is cached like any other; a touched base gets the store's
+    new mtime as its identity, never 1970."""
+    make_base(store)
+    overlay(store, "vm.qcow2", "base.qcow2")
+    old = ns_at(1960, 1, 1, 42)
+    os.utime(store / "base.qcow2", ns=(old, old))
+    qemu_io(mnt / "vm.qcow2", "read -P 0xa1 0 1M", cache="none")
+    layer = layer_stats(mnt, "base.qcow2")
+    assert int(layer["identity"].split(":")[3]) == old and layer["resident_bytes"] > 0, layer
+    before = time.time_ns() - 50_000_000
+    run("touch", mnt / "base.qcow2")
+    mtime = os.stat(store / "base.qcow2").st_mtime_ns
+    assert before <= mtime <= time.time_ns(), mtime
+    assert os.stat(mnt / "base.qcow2").st_mtime_ns == mtime
+    qemu_io(mnt / "vm.qcow2", "read -P 0xa1 0 1M", cache="none")
+    assert int(layer_stats(mnt, "base.qcow2")["identity"].split(":")[3]) == mtime
+
+
+def test_trace_and_arena_records_keep_times_before_1970() -> None:
+    """The two on-disk records that carry a layer's mtime store it signed."""
+    layer = LayerId(b"\x01" * 16, size=1 << 20, mtime_ns=ns_at(1960, 1, 1, 5))
+    data = traces.encode(TraceFile(layer, 65536, "host", [Boot(0, 1, 1, 4096, [(0, 0, 0)])]))
+    assert traces.decode(data).layer.mtime_ns == layer.mtime_ns
+    fd = arena.create_memfd(65536, 4 * 65536)
+    try:
+        first = arena.Arena(fd, 65536, 4)
+        identity = (1, 2, 1 << 20, -1)
+        first.put(identity, 0, b"x" * 100)
+        second = arena.Arena(fd, 65536, 4)
+        assert identity in second.scan()
+    finally:
+        os.close(fd)
