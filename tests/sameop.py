@@ -7,7 +7,9 @@ as an unprivileged user who cannot reach the test venv.
 
     python3 sameop.py OP PATH [ARG...]
 
-prints ``{"errno": 0 or the errno, "value": what the operation returned}``.
+prints ``{"errno": 0 or the errno's name, "value": what the operation returned}``;
+``python3 sameop.py --batch`` reads a JSON list of ``[OP, PATH, ARG...]`` on stdin
+and prints the list of their outcomes.
 """
 
 from __future__ import annotations
@@ -176,14 +178,18 @@ OPS = {f.__name__: f for f in (utimens, futimens, times, lseek, pread, pwrite, f
                                  removexattr)}
 
 
-def main() -> None:
-    op, *args = sys.argv[1:]
+def run(op: str, *args: str) -> dict[str, object]:
     try:
-        value = OPS[op](*args)
-        out = {"errno": 0, "value": value}
+        return {"errno": 0, "value": OPS[op](*args)}
     except OSError as exc:
-        out = {"errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)), "value": None}
-    print(json.dumps(out))
+        return {"errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)), "value": None}
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--batch"]:  # a JSON list of [op, path, arg...] on stdin
+        print(json.dumps([run(*item) for item in json.load(sys.stdin)]))
+    else:
+        print(json.dumps(run(*sys.argv[1:])))
 
 
 if __name__ == "__main__":

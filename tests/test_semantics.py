@@ -23,6 +23,7 @@ import pytest
 
 from scachefs import arena, traces
 from scachefs.traces import Boot, LayerId, TraceFile
+from tests.conftest import MountFactory
 from tests.mounting import USER, Mount, run
 from tests.test_qemu_passthrough import make_base, qemu_io
 from tests.test_shadow_cache import layer_stats, overlay
@@ -59,6 +60,16 @@ def op(user: str | None, *args: str | int | os.PathLike[str]) -> dict[str, objec
                                 for a in args), user=user).stdout
     result: dict[str, object] = json.loads(out)
     return result
+
+
+def ops(user: str | None, items: list[tuple[str | int | os.PathLike[str], ...]]
+        ) -> list[dict[str, object]]:
+    """Run sameop.py operations one after the other, in one process, as ``user``."""
+    payload = json.dumps([[os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in item]
+                          for item in items]).encode()
+    out = run(PYTHON, SAMEOP, "--batch", user=user, input=payload).stdout
+    results: list[dict[str, object]] = json.loads(out)
+    return results
 
 
 def ns_at(year: int, month: int = 1, day: int = 1, extra_ns: int = 0) -> int:
@@ -131,15 +142,15 @@ def test_times_are_set_as_the_store_sets_them(store: Path, mnt: Path, mounted: M
             continue
         _new_file(store / f"direct-{name}", mode, user_owns)
         _new_file(store / f"through-{name}", mode, user_owns)
+    cases = {name: case for name, case in TIME_CASES.items()
+             if not (use_fd and case[0] == "NULL")}
+    call = "futimens" if use_fd else "utimens"
+    before = time.time_ns()
+    directs = ops(who, [(call, store / f"direct-{name}", *case) for name, case in cases.items()])
+    throughs = ops(who, [(call, mnt / f"through-{name}", *case) for name, case in cases.items()])
+    after = time.time_ns()
     outcomes = set()
-    for name, case in TIME_CASES.items():
-        if use_fd and case[0] == "NULL":
-            continue
-        args = ("futimens", case[0], case[1]) if use_fd else ("utimens", *case)
-        before = time.time_ns()
-        direct = op(who, args[0], store / f"direct-{name}", *args[1:])
-        through = op(who, args[0], mnt / f"through-{name}", *args[1:])
-        after = time.time_ns()
+    for (name, case), direct, through in zip(cases.items(), directs, throughs, strict=True):
         assert through["errno"] == direct["errno"], (name, through, direct)
         outcomes.add(direct["errno"])
         st_direct = os.stat(store / f"direct-{name}")
@@ -235,3 +246,69 @@ def test_trace_and_arena_records_keep_times_before_1970() -> None:
         assert identity in second.scan()
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- offsets
+# (operation, arguments after the path) of sameop.py: negative, huge and ordinary
+# offsets and lengths of every request whose offset is signed in the kernel (loff_t).
+BIG = 1 << 62
+OFFSET_CASES = [
+    *(("lseek", str(off), whence) for whence in ("SEEK_DATA", "SEEK_HOLE")
+      for off in (-1, -4096, -(1 << 63), 0, 4096, 1 << 20, (2 << 20) - 1, 2 << 20, BIG)),
+    # The kernel answers these itself, against FUSE's own size limit (not the store's:
+    # FUSE has no way to tell it), so offsets beyond the store's limit are left out.
+    *(("lseek", str(off), whence) for whence in ("SEEK_SET", "SEEK_CUR", "SEEK_END")
+      for off in (-1, -(3 << 20), 5, 1 << 40)),
+    *(("pread", str(off), "4096") for off in (-1, -(1 << 63), 0, (2 << 20) - 10, BIG,
+                                               (1 << 63) - 4096)),
+    *(("pwrite", str(off), "10") for off in (-1, -(1 << 63), 0, (2 << 20) - 5, BIG)),
+    *(("fallocate", str(mode), str(off), str(length))
+      for mode in (0, 1, 3)  # allocate, keep size, punch hole (with keep size)
+      for off, length in ((-1, 4096), (0, -1), (0, 0), (4096, 8192), (BIG, 4096),
+                          (1 << 20, -(1 << 63)))),
+]
+COPY_CASES = [(str(a), str(b), str(n)) for a, b, n in (
+    (-1, 0, 10), (0, -1, 10), (0, 0, 4096), (1 << 20, 100, 8192), (BIG, 0, 10),
+    (0, BIG, 10), ((2 << 20) - 100, 0, 4096))]
+
+
+def _sparse(path: Path) -> None:
+    """2 MiB with data at 0 and at 1 MiB, holes between."""
+    with open(path, "wb") as f:
+        f.write(b"a" * 4096)
+        f.seek(1 << 20)
+        f.write(b"b" * 4096)
+        f.truncate(2 << 20)
+
+
+@pytest.mark.parametrize("passthrough", ["auto", "off"])
+def test_offsets_and_lengths_answer_the_stores_errno(store: Path, mnt: Path,
+                                                      mount_factory: MountFactory,
+                                                      passthrough: str) -> None:
+    """lseek, pread, pwrite, fallocate and copy_file_range with negative, huge and
+    ordinary offsets: the same value or errno as on the store, the same bytes after."""
+    for i in range(len(OFFSET_CASES)):
+        _sparse(store / f"d{i}")
+        _sparse(store / f"t{i}")
+    for i in range(len(COPY_CASES)):
+        for name in (f"cd{i}", f"ct{i}", f"cd{i}.src", f"ct{i}.src"):
+            _sparse(store / name)
+    mount_factory(store, mnt, "allow_other", f"passthrough={passthrough}")
+    outcomes = set()
+    cases = [*OFFSET_CASES, *(("copy_range", *args) for args in COPY_CASES)]
+
+    def batch(where: Path, prefix: str) -> list[dict[str, object]]:
+        items = [(name, where / f"{prefix}{i}", *args)
+                 for i, (name, *args) in enumerate(OFFSET_CASES)]
+        items += [("copy_range", where / f"c{prefix}{i}.src", where / f"c{prefix}{i}", *args)
+                  for i, args in enumerate(COPY_CASES)]
+        return ops(None, items)
+
+    for case, direct, through in zip(cases, batch(store, "d"), batch(mnt, "t"), strict=True):
+        assert through == direct, (case, through, direct)
+        outcomes.add(direct["errno"])
+    for i, case in enumerate(OFFSET_CASES):
+        assert (store / f"t{i}").read_bytes() == (store / f"d{i}").read_bytes(), case
+    for i, args in enumerate(COPY_CASES):
+        assert (store / f"ct{i}").read_bytes() == (store / f"cd{i}").read_bytes(), args
+    assert {0, "ENXIO", "EINVAL", "EFBIG"} <= outcomes, outcomes
