@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 # Flags that make no sense when the daemon reopens an existing object for a caller.
 # O_NOFOLLOW: the kernel already resolved the name without following it, and the
 # reopen goes through /proc/self/fd/N, a magic link that O_NOFOLLOW refuses (ELOOP).
-_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+# O_APPEND: every WRITE the kernel sends carries its offset (the kernel places an
+# appending write at the end itself), and pwrite on an O_APPEND descriptor ignores
+# the offset: a page written back through a shared mapping would land at the end.
+_STRIP_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+                     | os.O_APPEND)
 _READDIR_BATCH = 32
 FD_RESERVE = 32  # descriptors kept free for opens, store reads and traces (at least)
 FD_BASELINE = 16  # descriptors of the process itself: stdio, /dev/fuse, the trace dir, ...

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import calendar
 import json
+import mmap
 import os
 import pwd
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -312,3 +314,41 @@ def test_offsets_and_lengths_answer_the_stores_errno(store: Path, mnt: Path,
     for i, args in enumerate(COPY_CASES):
         assert (store / f"ct{i}").read_bytes() == (store / f"cd{i}").read_bytes(), args
     assert {0, "ENXIO", "EINVAL", "EFBIG"} <= outcomes, outcomes
+
+
+# ---------------------------------------------------------------------------- append
+def _write_through_append_fd(path: Path, mnt: Path | None = None) -> None:
+    """mmap-write offset 0 of an O_APPEND descriptor, then append with write(2); with
+    ``mnt``, the daemon is upgraded (a successor takes the handle over) in between."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        if mnt is not None:
+            out = run(sys.executable, "-m", "scachefs.stat", "--upgrade", mnt).stdout
+            assert "upgraded in" in out, out
+        with mmap.mmap(fd, 8192, mmap.MAP_SHARED) as m:
+            m[0:5] = b"HELLO"
+            m[8190:8192] = b"!!"
+            m.flush()
+        os.write(fd, b"tail")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["passthrough-off", "setuid", "after-upgrade"])
+def test_mmap_writes_of_an_append_handle_land_where_written(
+        store: Path, mnt: Path, mount_factory: MountFactory, how: str) -> None:
+    """Files the daemon serves itself: its store descriptor must not append every WRITE."""
+    for name in ("direct", "through"):
+        (store / name).write_bytes(bytes(8192))
+        if how == "setuid":
+            (store / name).chmod(0o4755)
+    mount_factory(store, mnt, "allow_other",
+                  *(["passthrough=off"] if how != "setuid" else []))
+    _write_through_append_fd(store / "direct")
+    _write_through_append_fd(mnt / "through", mnt if how == "after-upgrade" else None)
+    expected = b"HELLO" + bytes(8185) + b"!!tail"
+    assert (store / "direct").read_bytes() == expected
+    assert (store / "through").read_bytes() == expected
+    assert os.stat(store / "through").st_mode == os.stat(store / "direct").st_mode
+    assert (mnt / "through").read_bytes() == expected
