@@ -352,3 +352,60 @@ def test_mmap_writes_of_an_append_handle_land_where_written(
     assert (store / "through").read_bytes() == expected
     assert os.stat(store / "through").st_mode == os.stat(store / "direct").st_mode
     assert (mnt / "through").read_bytes() == expected
+
+
+# ---------------------------------------------------------------------------- xattrs
+def _xattr_script(link: Path, target: Path) -> list[tuple[str | Path, ...]]:
+    """Every xattr call on a symlink itself (and, following it, on its target)."""
+    script: list[tuple[str | Path, ...]] = []
+    for space in ("trusted", "security", "user"):
+        name = f"{space}.sem"
+        script += [("setxattr", link, name, "v1"), ("getxattr", link, name),
+                   ("listxattr", link), ("setxattr", link, name, "second value"),
+                   ("getxattr", link, name), ("getxattr", target, name),
+                   ("removexattr", link, name), ("removexattr", link, name),
+                   ("getxattr", link, name), ("setxattr", link, name, "kept")]
+    script += [("listxattr", link), ("listxattr", target),
+               ("setxattr", link, "user.on-target", "t", "1"),  # follows the link
+               ("getxattr", link, "user.on-target", "1"), ("listxattr", link, "1"),
+               ("listxattr", link), ("getxattr", link, "trusted.absent")]
+    return script
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file", "directory"])
+def test_xattrs_are_the_stores(store: Path, mnt: Path, mounted: Mount,
+                               user: pwd.struct_passwd, kind: str) -> None:
+    """Every namespace as root, as the owner and as another user. On a symlink trusted.*
+    and security.* work as on the store and user.* is refused as the store refuses it;
+    the target is touched only when the caller follows the link. trusted.* is listed
+    only to CAP_SYS_ADMIN."""
+    for prefix in ("d", "t"):
+        (store / f"{prefix}-target").write_bytes(b"")
+        (store / f"{prefix}-target").chmod(0o666)
+        for name in (f"{prefix}-link", f"{prefix}-user-link"):
+            if kind == "symlink":
+                os.symlink(f"{prefix}-target", store / name)
+            elif kind == "file":
+                (store / name).write_bytes(b"")
+                (store / name).chmod(0o666)
+            else:
+                (store / name).mkdir(0o777)
+                (store / name).chmod(0o777)
+        os.chown(store / f"{prefix}-user-link", user.pw_uid, user.pw_gid,
+                 follow_symlinks=False)
+    outcomes = set()
+    for who, link in ((None, "link"), (USER, "link"), (USER, "user-link"), (None, "user-link")):
+        direct = ops(who, _xattr_script(store / f"d-{link}", store / "d-target"))
+        through = ops(who, _xattr_script(mnt / f"t-{link}", mnt / "t-target"))
+        for step, d, t in zip(_xattr_script(Path(link), Path("target")), direct, through,
+                              strict=True):
+            assert t == d, (who, step, t, d)
+            outcomes.add((who, step[0], d["errno"]))
+    assert {(None, "setxattr", 0), (USER, "setxattr", "EPERM"), (None, "getxattr", 0),
+            (None, "removexattr", 0)} <= outcomes, outcomes
+    assert ((None, "setxattr", "EPERM") in outcomes) == (kind == "symlink")
+    assert os.listxattr(store / "t-link", follow_symlinks=False) == os.listxattr(
+        store / "d-link", follow_symlinks=False)
+    assert "trusted.sem" in os.listxattr(store / "t-link", follow_symlinks=False)
+    if kind == "symlink":
+        assert "trusted.sem" not in os.listxattr(store / "t-target")
