@@ -756,6 +756,8 @@ class ScacheFS(Passthrough):
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise control.ControlError(errno.EINVAL, f"unknown log level {level!r}")
             logging.getLogger().setLevel(level)
+            if self.session is not None:
+                self.session.log_requests(level == "DEBUG")
             log.warning("log level set to %s by uid %d", level, uid)
         else:
             raise control.ControlError(errno.EINVAL, f"unknown action {action!r}")

@@ -18,7 +18,7 @@ attaches the layer with that inode number and size.
 File format, version 2, little-endian::
 
     header   magic "SCTRACE\\0", version u16, reserved u16, chunk_size u32,
-             layer fingerprint 16 bytes, layer size u64, layer mtime_ns u64 (when
+             layer fingerprint 16 bytes, layer size u64, layer mtime_ns i64 (when
              recorded, as the recording host saw it), host 64 bytes (UTF-8, NUL
              padded), layer path 256 bytes (relative to the store when recorded,
              UTF-8, NUL padded; a hint for tools), boots u32, entries u32
@@ -57,8 +57,8 @@ RECENT_BOOTS = 16  # boots considered when merging, across hosts
 SUFFIX = ".trace"
 PATH_BYTES = 256
 
-_HEADER = struct.Struct("<8sHHI16sQQ64s256sII")
-_HEADER_V1 = struct.Struct("<8sHHIQQQ64sII")
+_HEADER = struct.Struct("<8sHHI16sQq64s256sII")  # mtime_ns signed: pre-1970 layers
+_HEADER_V1 = struct.Struct("<8sHHIQQq64sII")
 _BOOT = struct.Struct("<QIIQI")
 _ENTRY = struct.Struct("<QIQ")
 _TRAILER = struct.Struct("<Q")
