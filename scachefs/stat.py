@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "installed) without interrupting the VMs; waits until it serves "
                       "(root or the mount's owner; not for restart=off mounts)")
     parser.add_argument("--timeout", type=lambda text: _seconds(text, "--timeout", 0.001),
-                        default=TIMEOUT,
+                        default=TIMEOUT, metavar="SECONDS",
                         help=f"give up on an unresponsive mount after this many seconds "
                         f"(default {TIMEOUT:g})")
     return parser

@@ -73,6 +73,7 @@ def test_make_install_works_without_the_checkout(tmp_path: Path, store: Path,
 
     # The mount(8) helper mounts with the installed code, in the background.
     helper = paths["SBINDIR"] / "mount.fuse.scachefs"
+    assert f"SCACHEFS=${{SCACHEFS:-{venv}/bin/scachefs}}" in helper.read_text()
     (store / "f").write_bytes(b"installed")
     run(helper, store, mnt, "-o", "allow_other,cache_size=64M,_netdev", timeout=60)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import array
 import errno
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scachefs import tracecli
 from scachefs.cli import OPTIONS_HELP
 from tests.conftest import MountFactory
 from tests.mounting import Mount, mount_type, run
@@ -278,8 +280,23 @@ def test_man_pages_render_and_cover_every_option() -> None:
         assert name in scachefs_page, f"option {name} is in --help but not in scachefs(8)"
     stat_page = subprocess.run(["man", "-l", str(REPO / "docs" / "man" / "scachefs-stat.8")],
                                env=env, capture_output=True, text=True, check=True).stdout
-    for flag in ("--json", "--prometheus", "--watch", "--timeout", "--upgrade"):
+    for flag in ("--json", "--prometheus", "--prometheus-file", "--watch", "--timeout",
+                 "--upgrade"):
         assert flag in stat_page
+    # scachefs-trace(8): every command and option of its --help, and scachefs(8) names it.
+    trace_page = subprocess.run(["man", "-l", str(REPO / "docs" / "man" / "scachefs-trace.8")],
+                                env=env, capture_output=True, text=True, check=True).stdout
+    assert "NAME" in trace_page and "SYNOPSIS" in trace_page and "OPTIONS" in trace_page
+    parser = tracecli.build_parser()
+    commands = next(a for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"list", "show", "delete", "export", "import", "warm"}
+    for name, sub in commands.items():
+        assert f"scachefs-trace {name}" in trace_page, name
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in ("-h", "--help") or flag in trace_page, (name, flag)
+    assert "scachefs-trace(8)" in scachefs_page and "scachefs-trace(8)" in stat_page
 
 
 def test_help_prints_percent_signs_as_such() -> None:
