@@ -230,6 +230,9 @@ def test_service_command_line_notifies_systemd(tmp_path: Path, store: Path, mnt:
     assert exec_start is not None
     command = (exec_start.group(1).replace("${SCACHEFS_SOURCE}", str(store))
                .replace("%f", str(mnt)).replace("${SCACHEFS_OPTIONS}", "allow_other"))
+    # This checkout's scachefs, not whatever is installed in /usr/local/bin.
+    assert command.startswith("/usr/local/bin/scachefs ")
+    command = command.replace("/usr/local/bin/scachefs", f"{sys.executable} -m scachefs", 1)
     sock_path = tmp_path / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
