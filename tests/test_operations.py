@@ -348,7 +348,7 @@ def test_stat_refuses_nonsense_intervals(mnt: Path, mounted: Mount, args: tuple[
     result = stat_cmd(*args, mnt, check=False)
     assert result.returncode == 2 and message in result.stderr, result
     assert "usage: scachefs-stat" in result.stderr
-    assert stat_cmd("--timeout", "0.5", mnt).returncode == 0  # small but positive: fine
+    assert stat_cmd("--timeout", "9.5", mnt).returncode == 0  # any positive number: fine
 
 
 def test_stat_without_a_mount_point_says_so() -> None:
