@@ -10,10 +10,17 @@ from pathlib import Path
 from scachefs import traces
 from tests.conftest import MountFactory
 from tests.mounting import USER, run
-from tests.test_boot_traces import make_boot_base, record_one_boot
+from tests.test_boot_traces import (
+    boot_script,
+    make_boot_base,
+    record_one_boot,
+    recorded,
+    replay,
+    wait_for,
+)
 from tests.test_permissions import public_dir  # noqa: F401 (fixture)
 from tests.test_qemu_passthrough import make_base, qemu_io
-from tests.test_shadow_cache import overlay, stats
+from tests.test_shadow_cache import layer_stats, overlay, stats
 
 REPO = Path(__file__).resolve().parent.parent
 STAT = [sys.executable, "-m", "scachefs.stat"]
@@ -93,3 +100,24 @@ def test_one_prometheus_path_everywhere() -> None:
     assert PROMETHEUS_FILE in re.sub(r"\s+", "", build_parser().format_help())
     paths = set(re.findall(r"/var/lib/\S*node[_-]exporter\S*\.prom", man + ops))
     assert paths == {PROMETHEUS_FILE}, paths
+
+
+def test_record_action_off_switch(store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    """boot-traces.md: `{"action": "record", "path": ..., "enabled": false}` stops the
+    recording of a layer's boots; `"enabled": true` turns it back on."""
+    make_boot_base(store)
+    mount_factory(store, mnt, "allow_other")
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    run("qemu-io", "-c", "read 0 4k", mnt / "vm1.qcow2")  # attaches the layer: not a boot
+    assert layer_stats(mnt, "base.qcow2")["trace"]["status"] == "none"
+    command = {"action": "record", "path": "base.qcow2", "enabled": False}
+    run("setfattr", "-n", "user.scachefs.command", "-v", json.dumps(command), mnt)
+    replay(mnt / "vm1.qcow2", boot_script(think_ms=0))
+    layer = layer_stats(mnt, "base.qcow2")
+    assert not layer["trace"]["recording"] and layer["trace"]["status"] != "ready", layer
+    assert not list((store / ".scache" / "traces").iterdir())
+    command["enabled"] = True
+    run("setfattr", "-n", "user.scachefs.command", "-v", json.dumps(command), mnt)
+    replay(mnt / "vm1.qcow2", boot_script(think_ms=0))
+    wait_for(mnt, "base.qcow2", recorded)
+    assert len(list((store / ".scache" / "traces").iterdir())) == 1
