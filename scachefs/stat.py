@@ -19,17 +19,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING, Any
 
 from scachefs.control import STATS_XATTR
+
+if TYPE_CHECKING:  # imported where used: the table and scachefs-trace do without it
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 TIMEOUT = 5.0
 # The one documented place: node_exporter's textfile directory as Debian configures it.
@@ -228,6 +224,12 @@ class _Metrics:
         self.doc = doc
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         mp = self.doc["mountpoint"] if self.doc else self.mountpoint
         up = GaugeMetricFamily("scachefs_up", "1 if the mount answered, 0 if it is dead, "
                                "stuck or not mounted.", labels=["mountpoint"])
@@ -277,6 +279,8 @@ class _Metrics:
 
 
 def _registry(mountpoint: str, doc: dict[str, Any] | None) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Metrics(mountpoint, doc))
     return registry
@@ -284,12 +288,16 @@ def _registry(mountpoint: str, doc: dict[str, Any] | None) -> CollectorRegistry:
 
 def format_prometheus(doc: dict[str, Any] | None, mountpoint: str = "") -> str:
     """Prometheus text exposition format; ``doc`` None reports the mount down."""
+    from prometheus_client import generate_latest
+
     return generate_latest(_registry(mountpoint, doc)).decode()
 
 
 def write_prometheus_file(path: str, doc: dict[str, Any] | None, mountpoint: str) -> None:
     """Write the metrics to ``path`` atomically (a temporary file renamed over it), so that
     node_exporter's textfile collector never reads a half-written or empty file."""
+    from prometheus_client import write_to_textfile
+
     write_to_textfile(path, _registry(mountpoint, doc))
 
 

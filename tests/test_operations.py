@@ -171,7 +171,8 @@ def test_watch_refreshes_in_a_terminal(store: Path, mnt: Path, mounted: Mount) -
 @pytest.fixture
 def system_mount(store: Path, mnt: Path) -> Iterator[Path]:
     """A mount point that is unmounted after the test whatever happened."""
-    assert Path("/sbin/mount.fuse.scachefs").exists(), "make setup installs the mount helper"
+    assert Path("/sbin/mount.fuse.scachefs").exists(), \
+        "make install (or, for a checkout, make setup) installs the mount helper"
     yield mnt
     if mount_type(mnt) is not None:
         run("umount", "-l", mnt, check=False)
