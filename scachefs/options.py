@@ -43,7 +43,7 @@ REFUSED_OPTIONS = {
 }
 
 # The smallest cache: this many chunks, and at least one readahead window.
-MIN_CACHE_CHUNKS = 16
+MIN_CACHE_CHUNKS = 4  # a smaller cache would evict what a single read just filled
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
