@@ -26,7 +26,7 @@ from scachefs import prefetch, traces
 from scachefs.chunkcache import ChunkCache
 from scachefs.layer import Layer
 from scachefs.options import MountOptions
-from scachefs.recorder import BootSession
+from scachefs.recorder import MIN_REQUESTS, BootSession
 from scachefs.traces import Boot, LayerId, TraceFile, TraceStore
 from scachefs.workers import WorkerPool
 
@@ -211,7 +211,8 @@ class Boots:
                 layer.progress and layer.progress.running):
             self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again
         if layer.should_record and layer.session is None:
-            layer.session = BootSession(self.cache.chunk_size, layer.identity[2])
+            layer.session = BootSession(self.cache.chunk_size, layer.identity[2],
+                                        window=self.options.boot_window)
             layer.session_owner = handle
             layer.trace_status = "recording"
 
@@ -238,8 +239,9 @@ class Boots:
         if session is None:
             return
         if not session.is_boot():
-            log.debug("session on %s was not a boot (%d reads, %d chunks)", layer.path,
-                      session.requests, len(session.first_ms))
+            # A scan (sha256sum, cp, a backup) is worth a line: it read the whole layer.
+            (log.info if session.is_scan() and session.requests >= MIN_REQUESTS else log.debug)(
+                "session on %s not recorded: %s", layer.path, session.why_not_boot())
             self._merge(layer)  # back to what the traces say
             return
         layer.should_record = self.options.record == "on"
