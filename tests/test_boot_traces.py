@@ -351,3 +351,19 @@ def test_a_scan_of_the_base_is_not_a_boot(store: Path, mnt: Path, tmp_path: Path
     time.sleep(0.5)
     assert trace_boots(store) == 1
     assert layer_stats(mnt, "base.qcow2")["trace"]["boots"] == 1
+
+
+def test_a_session_ends_at_the_boot_window(store: Path, mnt: Path,
+                                           mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    mount_factory(store, mnt, "allow_other", "boot_window=2")
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    started = time.monotonic()
+    replay(mnt / "vm1.qcow2", boot_script(think_ms=10))  # reads for 4 s or more
+    assert time.monotonic() - started > 3.5
+    wait_for(mnt, "base.qcow2", recorded)
+    (path,) = (store / ".scache" / "traces").glob("*.trace")
+    (boot,) = trace_format.decode(path.read_bytes()).boots
+    assert boot.duration_ms <= 2000, boot.duration_ms
+    assert max(ms for _, ms, _ in boot.chunks) < 2000
+    assert 64 <= boot.requests < 300  # the reads after the window are not in it
