@@ -24,6 +24,7 @@ from typing import Any
 
 from scachefs import traces
 from scachefs.control import COMMAND_XATTR
+from scachefs.options import MountOptions, parse_size
 from scachefs.stat import StatError, bar, find_mount, human, read_stats
 
 
@@ -34,6 +35,7 @@ class Place:
     store: Path  # the store's directory (or the daemon's descriptor of it)
     traces: Path  # the trace directory
     via_mount: str | None = None  # the mount point the user named, if any
+    chunk_size: int | None = None  # the mount's chunk size, if a mount was named
 
 
 def _daemon_fd(pid: int, path: str) -> Path | None:
@@ -88,9 +90,33 @@ def place(args: argparse.Namespace) -> Place:
         else:  # a daemon older than the trace_dir field: the default place
             trace_path = os.path.join(doc["source"], ".scache", "traces")
         return Place(_reach(doc["source"], doc, "store"),
-                     _reach(trace_path, doc, "trace directory"), target)
+                     _reach(trace_path, doc, "trace directory"), target,
+                     (doc.get("cache") or {}).get("chunk_size"))
     store = Path(target)
     return Place(store, Path(args.trace_dir) if args.trace_dir else store / ".scache" / "traces")
+
+
+def chunk_size_of(args: argparse.Namespace, where: Place) -> int:
+    """The chunk size working sets are shown at: --chunk-size, the mount's, or the default."""
+    if getattr(args, "chunk_size", None):
+        return int(args.chunk_size)
+    return where.chunk_size or MountOptions().chunk_size
+
+
+def _chunk_size_arg(text: str) -> int:
+    try:
+        size = parse_size(text, "--chunk-size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 4096 or size > (1 << 20) or size & (size - 1):
+        raise argparse.ArgumentTypeError("a power of two from 4K to 1M")
+    return size
+
+
+def recorded_at(sizes: list[int], chunk_size: int) -> str:
+    """The chunk sizes traces were recorded at, and what they are shown at if it differs."""
+    text = "/".join(human(cs) for cs in sizes)
+    return text if sizes == [chunk_size] else f"{text} as {human(chunk_size)}"
 
 
 def layer_paths(store: Path) -> dict[int, str]:
@@ -176,23 +202,30 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     by_key, problems = load_all(directory)
     inodes = layer_paths(where.store) if any(k.startswith("ino-") for k in by_key) else None
+    cs = chunk_size_of(args, where)
     rows: list[dict[str, Any]] = []
     for key, files in sorted(by_key.items()):
-        boots = [b for f in files for b in f.boots]
-        ws = traces.merge(files, files[0].layer, files[0].chunk_size)
-        last = max((b.started for b in boots), default=0)
+        ws = traces.merge(files, files[0].layer, cs)
+        # The same boot in two files (imported twice, or back) is one boot.
+        boots = {traces.boot_key(b, f.chunk_size): b for f in files for b in f.boots}
+        last = max((b.started for b in boots.values()), default=0)
+        sizes = sorted({f.chunk_size for f in files})
         rows.append({"layer": _name(where, key, files, inodes), "key": key,
                      "format": files[0].version, "boots": len(boots),
                      "merged_bytes": ws.bytes if ws else 0,
                      "chunks": len(ws.chunks) if ws else 0,
+                     "chunk_size": cs, "recorded_chunk_sizes": sizes,
+                     "converted_boots": ws.converted if ws else 0,
                      "hosts": sorted({f.host for f in files}),
                      "last_recorded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))})
     if args.json:
         print(json.dumps({"traces": rows, "rejected": problems}, indent=2))
         return 0
-    print(f"{'LAYER':<32} {'BOOTS':>5} {'MERGED':>8} {'LAST RECORDED':<19}  HOSTS")
+    print(f"{'LAYER':<32} {'BOOTS':>5} {'MERGED':>8} {'CHUNKS':<12} {'LAST RECORDED':<19}  "
+          "HOSTS")
     for row in rows:
         print(f"{row['layer']:<32} {row['boots']:>5} {human(row['merged_bytes']):>8} "
+              f"{recorded_at(row['recorded_chunk_sizes'], cs):<12} "
               f"{row['last_recorded']:<19}  {', '.join(row['hosts'])}")
     if not rows:
         print("(no traces)")
@@ -219,7 +252,7 @@ def _decode(path: Path, layer: traces.LayerId) -> traces.TraceFile:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _, layer, paths = _files_of(args)
+    where, layer, paths = _files_of(args)
     if not paths:
         print(f"no trace of {args.layer} (fingerprint {layer.hex})")
         return 1
@@ -241,22 +274,72 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {when}  {boot.requests:>6} reads  {len(boot.chunks):>6} chunks "
                   f"({size})  {boot.duration_ms / 1000:.1f} s")
     if files:
-        ws = traces.merge(files, layer, files[0].chunk_size)
+        cs = chunk_size_of(args, where)
+        ws = traces.merge(files, layer, cs)
         if ws:
-            runs = traces.plan_runs(ws.chunks, ws.chunk_size, layer.size)
-            print(f"working set: {len(ws.chunks)} chunks ({human(ws.bytes)}) from {ws.boots} "
-                  f"boots on {ws.hosts} hosts, prefetched in {len(runs)} reads")
+            runs = traces.prefetch_plan(ws.chunks, ws.chunk_size, layer.size)
+            converted = (f" ({ws.converted} recorded at {recorded_at(ws.chunk_sizes, cs)})"
+                         if ws.converted else "")
+            print(f"working set: {len(ws.chunks)} chunks of {human(cs)} ({human(ws.bytes)}) "
+                  f"from {ws.boots} boots{converted} on {ws.hosts} hosts, prefetched in "
+                  f"{len(runs)} reads")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _, layer, paths = _files_of(args)
+    where, layer, paths = _files_of(args)
     for path in paths:
         path.unlink()
         print(f"deleted {path}")
     if not paths:
         print(f"no trace of {args.layer} (fingerprint {layer.hex})")
+    notify_mounts(where.traces)
     return 0
+
+
+def scachefs_mounts() -> list[str]:
+    """The mount points of this machine's scachefs mounts."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "fuse.scachefs":
+                found.append(fields[4].encode().decode("unicode_escape"))
+    return found
+
+
+def notify_mounts(directory: Path) -> list[str]:
+    """Tell the live mounts that keep their traces in ``directory`` to read them again.
+
+    A mount that cannot be told (another user's, a daemon that does not answer)
+    notices the change itself within seconds: it watches its trace directory.
+    """
+    try:
+        target = directory.stat()
+    except OSError:
+        return []
+    told = []
+    request = json.dumps({"action": "reload_traces"}).encode()
+    for mountpoint in scachefs_mounts():
+        try:
+            doc = read_stats(mountpoint)
+            if not doc.get("trace_dir"):
+                continue
+            st = _reach(doc["trace_dir"], doc, "trace directory").stat()
+        except (StatError, OSError, SystemExit):
+            continue
+        if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+            continue
+        try:
+            os.setxattr(mountpoint, COMMAND_XATTR, request)
+        except OSError as exc:
+            print(f"scachefs-trace: note: could not tell the mount at {mountpoint} "
+                  f"({exc.strerror}); it notices the change within seconds", file=sys.stderr)
+            continue
+        told.append(mountpoint)
+        print(f"the mount at {mountpoint} read the traces again")
+    return told
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -293,18 +376,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     if trace.layer.fingerprint and trace.layer.fingerprint != layer.fingerprint:
         print(f"scachefs-trace: note: {args.layer} differs from the exported layer (another "
               "fingerprint); its chunk digests will show what still matches", file=sys.stderr)
-    # Re-key to this store's copy of the layer; the chunk digests still vouch for the
-    # content, so a copy that differs is caught chunk by chunk at prefetch.
-    trace.layer, trace.version = layer, traces.VERSION
-    trace.path = os.path.relpath(layer_file(where, args.layer), where.store)
     directory = where.traces
     directory.mkdir(parents=True, exist_ok=True)
+    host = f"import-{args.host}"
+    # Idempotent: boots the store already has for this layer (under any host: an
+    # import of a boot it exported itself, or the same file twice) are not added again.
+    known: set[tuple[object, ...]] = set()
+    same: traces.TraceFile | None = None
+    for path in sorted(directory.glob(f"fp-{layer.hex}.*{traces.SUFFIX}")):
+        try:
+            existing = _decode(path, layer)
+        except (traces.TraceError, OSError):
+            continue
+        known.update(traces.boot_key(b, existing.chunk_size) for b in existing.boots)
+        if path.name == traces.file_name(layer.fingerprint, host).decode():
+            same = existing
+    new = [b for b in trace.boots if traces.boot_key(b, trace.chunk_size) not in known]
+    if not new:
+        print(f"nothing to import: the store already has the {len(trace.boots)} boots of "
+              f"{args.input} for {args.layer}")
+        notify_mounts(directory)
+        return 0
+    boots = new
+    if same is not None and same.chunk_size == trace.chunk_size:
+        boots = sorted(same.boots + new, key=lambda b: b.started)
+    elif same is not None:
+        print(f"scachefs-trace: note: replacing the {len(same.boots)} boots imported as {host} "
+              f"at {human(same.chunk_size)} chunks", file=sys.stderr)
+    # Re-keyed to this store's copy of the layer; the chunk digests still vouch for the
+    # content, so a copy that differs is caught chunk by chunk at prefetch.
+    out = traces.TraceFile(layer, trace.chunk_size, host,
+                           boots[-traces.MAX_BOOTS_PER_FILE:],
+                           os.path.relpath(layer_file(where, args.layer), where.store))
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        name = traces.TraceStore(fd, f"import-{args.host}").save(trace)
+        name = traces.TraceStore(fd, host).save(out)
     finally:
         os.close(fd)
-    print(f"imported {len(trace.boots)} boots for {args.layer} as {directory / name}")
+    skipped = len(trace.boots) - len(new)
+    print(f"imported {len(new)} boots for {args.layer} as host {host} in {directory / name}"
+          + (f" ({skipped} the store already had)" if skipped else ""))
+    notify_mounts(directory)
     return 0
 
 
@@ -365,11 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trace-dir", help="the trace directory (default STORE/.scache/traces)")
         return p
 
-    p = store_cmd("list", "list the traces: layer, boots merged, bytes, last recorded, hosts")
+    chunk_help = ("show working sets at this chunk size (default: the mount's, or 16K for "
+                  "a store); traces recorded at another are converted")
+    p = store_cmd("list", "list the traces: layer, boots merged, bytes, chunk sizes, last "
+                  "recorded, hosts")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--chunk-size", type=_chunk_size_arg, metavar="SIZE", help=chunk_help)
     p.set_defaults(func=cmd_list)
     p = store_cmd("show", "show the boots and working set of one layer's traces")
     p.add_argument("layer", metavar="LAYER", help="the layer, as a path in the store")
+    p.add_argument("--chunk-size", type=_chunk_size_arg, metavar="SIZE", help=chunk_help)
     p.set_defaults(func=cmd_show)
     p = store_cmd("delete", "delete every host's traces of a layer (it is recorded afresh)")
     p.add_argument("layer", metavar="LAYER")
@@ -381,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = store_cmd("import", "add an exported trace for a layer of this store")
     p.add_argument("layer", metavar="LAYER")
     p.add_argument("input", metavar="FILE")
-    p.add_argument("--host", default=socket.gethostname(), help="name part of the new file")
+    p.add_argument("--host", default=socket.gethostname(),
+                   help="keep the boots as host import-HOST (the file's name and the host "
+                   "list and show report; default: this machine's name)")
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("warm", help="prefetch a layer of a live mount now, with progress")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -109,3 +109,39 @@ def test_a_mount_over_the_store_is_reached_through_the_daemon(
     rows = json.loads(tool("list", "--json", store))["traces"]
     assert [(r["layer"], r["hosts"]) for r in rows] == [("base.qcow2", ["stage"])]
     assert "working set:" in tool("show", store, "base.qcow2")
+
+
+def test_delete_and_import_take_effect_on_a_live_mount(store: Path, mnt: Path, tmp_path: Path,
+                                                       mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=stage")
+    exported = tmp_path / "base.trace"
+    tool("export", store, "base.qcow2", exported)
+    mount = mount_factory(store, mnt, "allow_other", "host_id=live")
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    run("qemu-img", "info", "--backing-chain", mnt / "vm1.qcow2")  # attaches the base
+    wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "ready")
+
+    # delete: the live mount forgets the trace at once and records the next boot.
+    out = tool("delete", mnt, "base.qcow2")
+    assert layer_stats(mnt, "base.qcow2")["trace"]["status"] == "none"
+    assert "read the traces again" in out
+    replay(mnt / "vm1.qcow2", boot_script())
+    layer = wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "ready"
+                     and not la["trace"]["recording"])
+    assert layer["trace"]["boots"] == 1 and layer["trace"]["hosts"] == 1
+    traces = store / ".scache" / "traces"
+    assert [p.name.split(".")[1] for p in traces.glob("*.trace")] == ["live"]
+
+    # import, naming the store (not the mount): the mount that uses it is told too.
+    tool("delete", store, "base.qcow2")
+    assert layer_stats(mnt, "base.qcow2")["trace"]["status"] == "none"
+    tool("import", store, "base.qcow2", exported, "--host", "shipped")
+    layer = layer_stats(mnt, "base.qcow2")
+    assert layer["trace"]["status"] == "ready" and layer["trace"]["boots"] == 1
+
+    # A change nobody announces (another host, an operator's rm) is noticed within seconds.
+    for path in traces.glob("*.trace"):
+        path.unlink()
+    wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "none", timeout=15)
+    assert "changed in the trace directory" in mount.log()
