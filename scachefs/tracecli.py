@@ -278,7 +278,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         ws = traces.merge(files, layer, cs)
         if ws:
             runs = traces.prefetch_plan(ws.chunks, ws.chunk_size, layer.size)
-            converted = (f" ({ws.converted} recorded at {recorded_at(ws.chunk_sizes, cs)})"
+            others = "/".join(human(size) for size in ws.chunk_sizes if size != cs)
+            converted = (f" ({ws.converted} converted from {others} chunks)"
                          if ws.converted else "")
             print(f"working set: {len(ws.chunks)} chunks of {human(cs)} ({human(ws.bytes)}) "
                   f"from {ws.boots} boots{converted} on {ws.hosts} hosts, prefetched in "

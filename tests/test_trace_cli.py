@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import MountFactory
 from tests.mounting import run
 from tests.test_boot_traces import (
@@ -14,6 +16,7 @@ from tests.test_boot_traces import (
     make_boot_base,
     prefetched,
     record_one_boot,
+    recorded,
     replay,
     wait_for,
 )
@@ -145,3 +148,55 @@ def test_delete_and_import_take_effect_on_a_live_mount(store: Path, mnt: Path, t
         path.unlink()
     wait_for(mnt, "base.qcow2", lambda la: la["trace"]["status"] == "none", timeout=15)
     assert "changed in the trace directory" in mount.log()
+
+
+@pytest.mark.parametrize(("recorded_at", "mounted_at"), [("16K", "64K"), ("64K", "16K")])
+def test_traces_at_another_chunk_size_are_converted(
+        recorded_at: str, mounted_at: str, store: Path, tmp_path: Path,
+        mount_factory: MountFactory) -> None:
+    base = make_boot_base(store)
+    size = {"16K": 16 << 10, "64K": 64 << 10}
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    host_a.mkdir()
+    host_b.mkdir()
+    record_one_boot(store, host_a, mount_factory, "host_id=a", f"chunk_size={recorded_at}")
+    mount = mount_factory(store, host_b, "allow_other", "host_id=b",
+                          f"chunk_size={mounted_at}")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    run("qemu-img", "info", "--backing-chain", host_b / "vm2.qcow2")  # attaches the base
+    layer = wait_for(host_b, "base.qcow2", lambda la: la["trace"]["status"] == "converted")
+    trace = layer["trace"]
+    assert trace["converted_boots"] == 1 and trace["chunk_sizes"] == [size[recorded_at]]
+    assert "converted to this mount's" in mount.log()
+    # The tools say so, and predict what the mount prefetches.
+    assert f"1 converted from {recorded_at[:2]}.0K chunks" in tool("show", host_b,
+                                                                    "base.qcow2")
+    (row,) = json.loads(tool("list", "--json", host_b))["traces"]
+    assert row["recorded_chunk_sizes"] == [size[recorded_at]]
+    assert row["chunk_size"] == size[mounted_at] and row["merged_bytes"] == trace["bytes"]
+    assert f"as {mounted_at[:2]}.0K" in tool("list", host_b)
+
+    replay(host_b / "vm2.qcow2", boot_script())
+    layer = wait_for(host_b, "base.qcow2", lambda la: prefetched(la) and recorded(la))
+    pf = layer["prefetch"]
+    assert pf["error"] is None and pf["stale_chunks"] == 0 and pf["useful_chunks"] > 0
+    assert pf["done_bytes"] == pf["total_bytes"] == trace["bytes"]
+    # record=auto recorded one boot at this mount's own chunk size.
+    assert layer["trace"]["status"] == "ready" and layer["trace"]["boots"] == 2
+    assert layer["trace"]["chunk_sizes"] == sorted(size.values())
+    mount.unmount()
+
+    # The converted digests are checked over the bytes they were taken of.
+    directory = store / ".scache" / "traces"
+    for path in directory.glob("*.b.trace"):
+        path.unlink()
+    script = boot_script()
+    first = next(c for c in script if c.startswith("read"))
+    _, _, _, offset, length = first.split()
+    run("qemu-io", "-c", f"write -P 0x43 {offset} {length}", base)
+    mount_factory(store, host_b, "allow_other", "host_id=b", f"chunk_size={mounted_at}")
+    changed = [first.replace("0x42", "0x43")] + [
+        c.replace("-P 0x42 ", "") for c in script if c != first]
+    replay(host_b / "vm2.qcow2", changed)
+    layer = wait_for(host_b, "base.qcow2", prefetched)
+    assert layer["prefetch"]["stale_chunks"] > 0
