@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -200,3 +201,44 @@ def test_traces_at_another_chunk_size_are_converted(
     replay(host_b / "vm2.qcow2", changed)
     layer = wait_for(host_b, "base.qcow2", prefetched)
     assert layer["prefetch"]["stale_chunks"] > 0
+
+
+def test_import_keeps_its_host_and_is_idempotent(store: Path, mnt: Path, tmp_path: Path,
+                                                 mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=stage")
+    exported = tmp_path / "base.trace"
+    tool("export", store, "base.qcow2", exported)
+    # Back into the store it came from: that boot is there already.
+    assert "nothing to import" in tool("import", store, "base.qcow2", exported)
+    assert json.loads(tool("list", "--json", store))["traces"][0]["boots"] == 1
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(store / "base.qcow2", other / "base.qcow2")
+    assert "as host import-ship" in tool("import", other, "base.qcow2", exported,
+                                         "--host", "ship")
+    (row,) = json.loads(tool("list", "--json", other))["traces"]
+    assert row["hosts"] == ["import-ship"] and row["boots"] == 1
+    assert "host import-ship" in tool("show", other, "base.qcow2")
+    # The same file again, under the same or another name: still one boot.
+    assert "nothing to import" in tool("import", other, "base.qcow2", exported,
+                                       "--host", "ship")
+    assert "nothing to import" in tool("import", other, "base.qcow2", exported,
+                                       "--host", "again")
+    (row,) = json.loads(tool("list", "--json", other))["traces"]
+    assert row["boots"] == 1 and row["hosts"] == ["import-ship"]
+    names = [p.name for p in (other / ".scache" / "traces").iterdir()]
+    assert len(names) == 1 and ".import-ship." in names[0]
+
+
+def test_show_predicts_the_reads_the_prefetch_makes(store: Path, mnt: Path,
+                                                    mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory)
+    shown = tool("show", store, "base.qcow2")
+    match = re.search(r"prefetched in (\d+) reads", shown)
+    assert match, shown
+    mount_factory(store, mnt, "allow_other", "prefetch=mount")
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["prefetch"]["requests"] == int(match.group(1))
