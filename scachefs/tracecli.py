@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -294,52 +295,83 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print(f"deleted {path}")
     if not paths:
         print(f"no trace of {args.layer} (fingerprint {layer.hex})")
-    notify_mounts(where.traces)
+    notify_mounts(where.traces, where.store)
     return 0
 
 
-def scachefs_mounts() -> list[str]:
-    """The mount points of this machine's scachefs mounts."""
+def scachefs_mounts() -> list[tuple[str, str]]:
+    """(mount point, source) of this machine's scachefs mounts, from mountinfo (no I/O on
+    the mounts themselves: one of them may be hung)."""
     found = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
         for line in info:
             fields = line.split()
             sep = fields.index("-")
             if fields[sep + 1] == "fuse.scachefs":
-                found.append(fields[4].encode().decode("unicode_escape"))
+                found.append((fields[4].encode().decode("unicode_escape"),
+                              fields[sep + 2].encode().decode("unicode_escape")))
     return found
 
 
-def notify_mounts(directory: Path) -> list[str]:
-    """Tell the live mounts that keep their traces in ``directory`` to read them again.
+def _path_string(path: Path) -> str:
+    """A path as mountinfo spells it, without touching the file system (a /proc fd link is
+    read: it names the store a mount over it hides)."""
+    text = str(path)
+    if text.startswith("/proc/"):
+        try:
+            return os.readlink(text)
+        except OSError:
+            return text
+    return os.path.abspath(text)
 
-    A mount that cannot be told (another user's, a daemon that does not answer)
-    notices the change itself within seconds: it watches its trace directory.
+
+def _tell(mountpoint: str, target: os.stat_result) -> str | None:
+    """Ask one mount to read its traces again if they are in ``target``; what happened."""
+    try:
+        doc = read_stats(mountpoint)
+        if not doc.get("trace_dir"):
+            return None
+        st = _reach(doc["trace_dir"], doc, "trace directory").stat()
+    except (StatError, OSError, SystemExit):
+        return None
+    if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+        return None
+    try:
+        os.setxattr(mountpoint, COMMAND_XATTR, json.dumps({"action": "reload_traces"}).encode())
+    except OSError as exc:
+        return f"could not tell the mount at {mountpoint} ({exc.strerror})"
+    return "told"
+
+
+def notify_mounts(directory: Path, store: Path) -> list[str]:
+    """Tell this machine's live mounts of ``store`` that keep their traces in ``directory``
+    to read them again.
+
+    A mount that is not told (another user's, another store's with the same
+    trace_dir, another host's, a daemon that does not answer within 5 s) notices
+    the change by itself within seconds: it watches its trace directory.
     """
     try:
         target = directory.stat()
     except OSError:
         return []
+    source = _path_string(store)
     told = []
-    request = json.dumps({"action": "reload_traces"}).encode()
-    for mountpoint in scachefs_mounts():
-        try:
-            doc = read_stats(mountpoint)
-            if not doc.get("trace_dir"):
-                continue
-            st = _reach(doc["trace_dir"], doc, "trace directory").stat()
-        except (StatError, OSError, SystemExit):
+    for mountpoint, mount_source in scachefs_mounts():
+        if os.path.abspath(mount_source) != source:
             continue
-        if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
-            continue
-        try:
-            os.setxattr(mountpoint, COMMAND_XATTR, request)
-        except OSError as exc:
-            print(f"scachefs-trace: note: could not tell the mount at {mountpoint} "
-                  f"({exc.strerror}); it notices the change within seconds", file=sys.stderr)
-            continue
-        told.append(mountpoint)
-        print(f"the mount at {mountpoint} read the traces again")
+        result: list[str | None] = []
+        thread = threading.Thread(target=lambda m, out: out.append(_tell(m, target)),
+                                  args=(mountpoint, result), daemon=True)
+        thread.start()
+        thread.join(5)
+        outcome = result[0] if result else f"the mount at {mountpoint} did not answer"
+        if outcome == "told":
+            told.append(mountpoint)
+            print(f"the mount at {mountpoint} read the traces again")
+        elif outcome:
+            print(f"scachefs-trace: note: {outcome}; it notices the change within seconds",
+                  file=sys.stderr)
     return told
 
 
@@ -396,7 +428,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not new:
         print(f"nothing to import: the store already has the {len(trace.boots)} boots of "
               f"{args.input} for {args.layer}")
-        notify_mounts(directory)
+        notify_mounts(directory, where.store)
         return 0
     boots = new
     if same is not None and same.chunk_size == trace.chunk_size:
@@ -417,7 +449,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     skipped = len(trace.boots) - len(new)
     print(f"imported {len(new)} boots for {args.layer} as host {host} in {directory / name}"
           + (f" ({skipped} the store already had)" if skipped else ""))
-    notify_mounts(directory)
+    notify_mounts(directory, where.store)
     return 0
 
 
