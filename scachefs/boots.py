@@ -221,7 +221,10 @@ class Boots:
         if layer.handles == 1 and layer.trace is not None and not (
                 layer.progress and layer.progress.running):
             self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again
-        if layer.should_record and layer.session is None:
+        session = layer.session
+        if layer.should_record and (session is None or (
+                session.requests >= MIN_REQUESTS and session.is_scan())):
+            # A scan (a cp still running) gives way to a VM that opens the layer.
             layer.session = BootSession(self.cache.chunk_size, layer.identity[2],
                                         window=self.options.boot_window)
             layer.session_owner = handle
