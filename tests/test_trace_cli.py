@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MountFactory
-from tests.mounting import run
+from tests.mounting import run, settle
 from tests.test_boot_traces import (
     boot_script,
     make_boot_base,
@@ -195,6 +195,7 @@ def test_traces_at_another_chunk_size_are_converted(
     first = next(c for c in script if c.startswith("read"))
     _, _, _, offset, length = first.split()
     run("qemu-io", "-c", f"write -P 0x43 {offset} {length}", base)
+    settle(base, 1800)  # changed after the boot was recorded, before this one
     mount_factory(store, host_b, "allow_other", "host_id=b", f"chunk_size={mounted_at}")
     changed = [first.replace("0x42", "0x43")] + [
         c.replace("-P 0x42 ", "") for c in script if c != first]
