@@ -84,7 +84,7 @@ def verify(cache: ChunkCache, buffer: LayerBuffer, check: Check) -> bool | None:
         lo = max(offset - index * cs, 0)
         hi = min(offset + length - index * cs, len(data))
         if hi > lo:
-            h.update(data[lo:hi])
+            h.update(memoryview(data)[lo:hi])
             got += hi - lo
     return got == length and h.intdigest() == digest
 

@@ -114,10 +114,15 @@ def _chunk_size_arg(text: str) -> int:
     return size
 
 
+def size_k(size: int) -> str:
+    """A chunk size, short: 16K, 64K, 1M."""
+    return f"{size >> 20}M" if size >= 1 << 20 else f"{size >> 10}K"
+
+
 def recorded_at(sizes: list[int], chunk_size: int) -> str:
     """The chunk sizes traces were recorded at, and what they are shown at if it differs."""
-    text = "/".join(human(cs) for cs in sizes)
-    return text if sizes == [chunk_size] else f"{text} as {human(chunk_size)}"
+    text = "/".join(size_k(cs) for cs in sizes)
+    return text if sizes == [chunk_size] else f"{text} as {size_k(chunk_size)}"
 
 
 def layer_paths(store: Path) -> dict[int, str]:
@@ -222,11 +227,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"traces": rows, "rejected": problems}, indent=2))
         return 0
-    print(f"{'LAYER':<32} {'BOOTS':>5} {'MERGED':>8} {'CHUNKS':<12} {'LAST RECORDED':<19}  "
+    print(f"{'LAYER':<32} {'BOOTS':>5} {'MERGED':>8} {'CHUNKS':<14} {'LAST RECORDED':<19}  "
           "HOSTS")
     for row in rows:
         print(f"{row['layer']:<32} {row['boots']:>5} {human(row['merged_bytes']):>8} "
-              f"{recorded_at(row['recorded_chunk_sizes'], cs):<12} "
+              f"{recorded_at(row['recorded_chunk_sizes'], cs):<14} "
               f"{row['last_recorded']:<19}  {', '.join(row['hosts'])}")
     if not rows:
         print("(no traces)")
@@ -257,6 +262,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not paths:
         print(f"no trace of {args.layer} (fingerprint {layer.hex})")
         return 1
+    cs = chunk_size_of(args, where)
     files = []
     for path in paths:
         try:
@@ -267,7 +273,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         files.append(trace)
         state = "current" if trace.layer.same_version(layer) else (
             "format 1" if trace.version == 1 else "recorded on another version")
-        print(f"{path.name}: host {trace.host}, chunk size {human(trace.chunk_size)}, layer "
+        grain = size_k(trace.chunk_size) + (
+            f" (converted to {size_k(cs)})" if trace.chunk_size != cs else "")
+        print(f"{path.name}: host {trace.host}, chunk size {grain}, layer "
               f"size {human(trace.layer.size)}, {len(trace.boots)} boots ({state})")
         for boot in trace.boots:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(boot.started))
@@ -275,14 +283,13 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {when}  {boot.requests:>6} reads  {len(boot.chunks):>6} chunks "
                   f"({size})  {boot.duration_ms / 1000:.1f} s")
     if files:
-        cs = chunk_size_of(args, where)
         ws = traces.merge(files, layer, cs)
         if ws:
             runs = traces.prefetch_plan(ws.chunks, ws.chunk_size, layer.size)
-            others = "/".join(human(size) for size in ws.chunk_sizes if size != cs)
+            others = "/".join(size_k(size) for size in ws.chunk_sizes if size != cs)
             converted = (f" ({ws.converted} converted from {others} chunks)"
                          if ws.converted else "")
-            print(f"working set: {len(ws.chunks)} chunks of {human(cs)} ({human(ws.bytes)}) "
+            print(f"working set: {len(ws.chunks)} chunks of {size_k(cs)} ({human(ws.bytes)}) "
                   f"from {ws.boots} boots{converted} on {ws.hosts} hosts, prefetched in "
                   f"{len(runs)} reads")
     return 0
