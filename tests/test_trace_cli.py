@@ -54,6 +54,7 @@ def test_list_show_export_delete_import(store: Path, mnt: Path, tmp_path: Path,
     other.mkdir()
     other_mnt.mkdir()
     shutil.copyfile(store / "base.qcow2", other / "base.qcow2")
+    settle(other / "base.qcow2")  # a fresh copy is not cached until it settles
     tool("import", other, "base.qcow2", exported)
     assert "base.qcow2" in tool("list", other)
     mount_factory(other, other_mnt, "allow_other")
