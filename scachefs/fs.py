@@ -745,6 +745,10 @@ class ScacheFS(Passthrough):
                 layer.should_record = bool(enabled)
             log.info("recording %s for %s on request of uid %d",
                      "enabled" if enabled else "disabled", path or "all layers", uid)
+        elif action == "reload_traces":  # scachefs-trace changed the trace directory
+            path = control.optional_str(args, "path")
+            await self.boots.reload([la for la in self.layers.values()
+                                     if path in (None, la.path)])
         elif action == "upgrade":
             if self.holder_pid is None:
                 raise control.ControlError(errno.EOPNOTSUPP, "this mount has no holder to "
