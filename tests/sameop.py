@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import sys
+from typing import Any
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -173,9 +174,138 @@ def removexattr(path: str, name: str, follow: str = "0") -> None:
     os.removexattr(path, name, follow_symlinks=follow == "1")
 
 
-OPS = {f.__name__: f for f in (utimens, futimens, times, lseek, pread, pwrite, fallocate,
+OPS: dict[str, Any] = {
+    f.__name__: f for f in (utimens, futimens, times, lseek, pread, pwrite, fallocate,
                                  copy_range, mmap_append, setxattr, getxattr, listxattr,
                                  removexattr)}
+
+
+# ------------------------------------------------- more operations (the differential test)
+def umask(mask: str) -> int:
+    """Set the umask for the operations after this one in a batch."""
+    return os.umask(int(mask, 8))
+
+
+def _flags(spec: str) -> int:
+    flags = 0
+    for name in spec.split("|"):
+        flags |= getattr(os, name)
+    return flags
+
+
+def openf(path: str, flags: str, mode: str = "0", data: str = "") -> str | None:
+    """open(2) with ``flags`` ("O_WRONLY|O_TRUNC"), then write ``data`` (if any) at
+    offset 0; with O_RDONLY or O_RDWR and no data, the first 16 bytes read, as hex."""
+    fd = os.open(path, _flags(flags), int(mode, 8))
+    try:
+        if data:
+            os.pwrite(fd, data.encode(), 0)
+            return None
+        if _flags(flags) & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR):
+            return os.pread(fd, 16, 0).hex()
+        return None
+    finally:
+        os.close(fd)
+
+
+def mkdir(path: str, mode: str) -> None:
+    os.mkdir(path, int(mode, 8))
+
+
+def mknod(path: str, kind: str, mode: str, major: str = "0", minor: str = "0") -> None:
+    kinds = {"fifo": 0o010000, "chr": 0o020000, "blk": 0o060000, "reg": 0o100000}
+    os.mknod(path, kinds[kind] | int(mode, 8), os.makedev(int(major), int(minor)))
+
+
+def symlink(path: str, target: str) -> None:
+    os.symlink(target, path)
+
+
+def link(path: str, source: str) -> None:
+    os.link(source, path, follow_symlinks=False)
+
+
+def unlink(path: str) -> None:
+    os.unlink(path)
+
+
+def rmdir(path: str) -> None:
+    os.rmdir(path)
+
+
+def rename(path: str, target: str) -> None:
+    os.rename(path, target)
+
+
+def chmod(path: str, mode: str) -> None:
+    os.chmod(path, int(mode, 8))
+
+
+def chown(path: str, uid: str, gid: str, follow: str = "1") -> None:
+    os.chown(path, int(uid), int(gid), follow_symlinks=follow == "1")
+
+
+def truncate(path: str, size: str) -> None:
+    os.truncate(path, int(size))
+
+
+def ftruncate(path: str, size: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, int(size))
+    finally:
+        os.close(fd)
+
+
+def mmap_write(path: str, offset: str, data: str) -> None:
+    """Write ``data`` at ``offset`` through a shared mapping (inside the file's size)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED) as m:
+            m[int(offset):int(offset) + len(data)] = data.encode()
+            m.flush()
+    finally:
+        os.close(fd)
+
+
+_libc.access.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def access(path: str, how: str) -> None:
+    """access(2) with "F" or any of "RWX"."""
+    mode = 0
+    for c in how:
+        mode |= {"F": os.F_OK, "R": os.R_OK, "W": os.W_OK, "X": os.X_OK}[c]
+    _check(_libc.access(path.encode(), mode))
+
+
+def getxattr_hex(path: str, name: str, follow: str = "0") -> str:
+    return os.getxattr(path, name, follow_symlinks=follow == "1").hex()
+
+
+def setxattr_hex(path: str, name: str, value: str, follow: str = "0") -> None:
+    os.setxattr(path, name, bytes.fromhex(value), follow_symlinks=follow == "1")
+
+
+def _tool(path: str, *args: str) -> list[object]:
+    """Run a tool on ``path``: its exit status and output, with the path as PATH."""
+    import subprocess
+    proc = subprocess.run([*args, path], capture_output=True, text=True, check=False)
+    return [proc.returncode, proc.stdout.replace(path, "PATH"),
+            proc.stderr.replace(path, "PATH")]
+
+
+def setfacl(path: str, *args: str) -> list[object]:
+    return _tool(path, "setfacl", *args)
+
+
+def getfacl(path: str, *args: str) -> list[object]:
+    return _tool(path, "getfacl", "--omit-header", *args)
+
+
+OPS.update({f.__name__: f for f in (umask, openf, mkdir, mknod, symlink, link, unlink, rmdir,
+                                     rename, chmod, chown, truncate, ftruncate, mmap_write,
+                                     access, getxattr_hex, setxattr_hex, setfacl, getfacl)})
 
 
 def run(op: str, *args: str) -> dict[str, object]:
