@@ -288,10 +288,21 @@ class Passthrough(Operations):
 
     def _entry(self, ino: int, st: os.stat_result) -> Entry:
         return Entry(ino, st, self._shown_ino(ino, st), 0, self.options.entry_timeout,
-                     self.options.attr_timeout)
+                     self._attr_timeout(st))
 
     def _attr(self, ino: int, st: os.stat_result) -> Attr:
-        return Attr(st, self._shown_ino(ino, st), self.options.attr_timeout)
+        return Attr(st, self._shown_ino(ino, st), self._attr_timeout(st))
+
+    def _attr_timeout(self, st: os.stat_result) -> float:
+        """How long the kernel may keep these attributes.
+
+        Not at all for a setuid or setgid file: the kernel writes passthrough files
+        without telling us, and such a write makes the store drop the bits, which the
+        kernel's cached mode would go on showing (these files are rare; each stat of
+        one costs a GETATTR)."""
+        if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            return 0.0
+        return self.options.attr_timeout
 
     def _caller(self, req: Request, groups: bool = True) -> creds.Caller | None:
         """The credentials a store call acts with for ``req`` (None: the daemon's own)."""
