@@ -841,6 +841,10 @@ class Passthrough(Operations):
         except OSError as exc:
             if name == _CAPS_XATTR and exc.errno == errno.ENODATA:
                 node.no_caps_until = time.monotonic() + self.options.attr_timeout
+            if name in _ACL_XATTRS and exc.errno == errno.EOPNOTSUPP:
+                # A store without ACLs: "no ACL", or the kernel (FUSE_POSIX_ACL) would
+                # fail every permission check on the mode bits with EOPNOTSUPP.
+                raise FuseError(errno.ENODATA) from None
             raise
         return value
 
