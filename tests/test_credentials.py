@@ -212,7 +212,13 @@ TEAM_ACL_DIRS = {
                     f"d:u::rwx,d:g::r-x,d:o::---,d:u:{USER2}:rwx,d:m::rwx"),
     "named-user-acl": ("root", "root", 0o700, f"u:{USER2}:rwx"),
     "group-deny-acl": ("root", TEAM, 0o770, "g::---"),
+    "named-group-acl": ("root", "root", 0o770, f"g:{TEAM}:rwx"),
 }
+# Write access that comes from a named-group ACL entry of the directory: the kernel
+# grants it (it knows all of the caller's groups), the store refuses the create made
+# as the caller, who arrives with the directory's own group only (FUSE_CREATE_SUPP_GROUP).
+# docs/security.md, "Remaining differences". link runs as the daemon: not affected.
+NAMED_GROUP_DIFFERENCE = ("named-group-acl", USER)
 
 
 @pytest.mark.parametrize("kind", list(TEAM_ACL_DIRS))
@@ -251,7 +257,14 @@ def test_creates_come_out_as_on_the_store(store: Path, mnt: Path, mounted_as_oth
                        ("create 06775", "create 02010", "create 0600", "mkdir 02775",
                         "mkfifo", "symlink", "link")]
     problems = compare(results, labels)
-    assert not problems, "\n".join(problems)
+    kind_user = f"{NAMED_GROUP_DIFFERENCE[0]}/{NAMED_GROUP_DIFFERENCE[1]}-"
+    expected = [p for p in problems if p.startswith(kind_user)]
+    unexpected = [p for p in problems if p not in expected]
+    assert not unexpected, "\n".join(unexpected)
+    for problem in expected:  # the documented difference, and only that
+        assert " store OK " in problem and " mount EACCES " in problem, problem
+    if kind == NAMED_GROUP_DIFFERENCE[0]:
+        assert len(expected) == 2 * 6, "\n".join(problems)  # 2 umasks x 6 operations
 
 
 @pytest.mark.trio
