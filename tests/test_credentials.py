@@ -18,11 +18,14 @@ import os
 import pwd
 import stat
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from scachefs import creds
 from scachefs.fuse.ops import Request
 from scachefs.inodes import ROOT_INODE
 from scachefs.options import MountOptions
@@ -498,3 +501,74 @@ def test_system_xattrs_are_changed_as_the_caller(public_dir: Path, mount_factory
         assert results["mount"][0][0] == "EPERM"  # scachefs-test2 on root's file
     finally:
         errstore.stop()
+
+
+# ------------------------------------------------------------------ the worker threads themselves
+def _thread_creds() -> tuple[str, ...]:
+    status = Path("/proc/thread-self/status").read_text().splitlines()
+    wanted = ("Uid:", "Gid:", "Groups:", "CapEff:", "Umask:")
+    return tuple(line for line in status if line.startswith(wanted))
+
+
+def test_a_thread_acting_as_a_caller_gets_its_own_credentials_back(
+        people: dict[str, pwd.struct_passwd]) -> None:
+    """fsuid, fsgid, groups, capabilities and umask of the worker thread are the caller's
+    inside, the daemon's after (also after an error inside); other threads never change."""
+
+
+    user = people[USER]
+    caller = creds.Caller(user.pw_uid, user.pw_gid, (grp.getgrnam(TEAM).gr_gid,))
+    main_before = _thread_creds()
+    seen: dict[str, Any] = {}
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def worker() -> None:
+        seen["before"] = _thread_creds()
+        with creds.acting_as(caller, umask=0o027):
+            seen["inside"] = _thread_creds()
+            inside.set()
+            leave.wait(10)
+        seen["after"] = _thread_creds()
+        try:
+            with creds.acting_as(caller, umask=0o027):
+                raise OSError(5, "a failing store call")
+        except OSError:
+            pass
+        seen["after error"] = _thread_creds()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(10)
+    main_during = _thread_creds()
+    leave.set()
+    thread.join(10)
+    assert seen["before"] == seen["after"] == seen["after error"]
+    assert main_before == main_during == _thread_creds()
+    fields = dict(line.split(":", 1) for line in seen["inside"])
+    assert fields["Uid"].split()[3] == str(user.pw_uid)  # fsuid
+    assert fields["Gid"].split()[3] == str(user.pw_gid)  # fsgid
+    assert fields["Groups"].split() == [str(grp.getgrnam(TEAM).gr_gid)]
+    assert int(fields["CapEff"], 16) == 0
+    assert fields["Umask"].strip() == "0027"
+
+
+def test_a_thread_that_cannot_restore_its_credentials_ends_the_process() -> None:
+    """Never serve another request as someone else: a failed restore aborts, loudly."""
+    code = (
+        "import threading\n"
+        "from scachefs import creds\n"
+        "def broken(uid):\n"
+        "    raise OSError(1, 'injected')\n"
+        "def work():\n"
+        "    with creds.acting_as(creds.Caller(12345, 12345)):\n"
+        "        creds._setfsuid = broken\n"
+        "t = threading.Thread(target=work)\n"
+        "t.start(); t.join()\n"
+        "print('survived')\n")
+    proc = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, timeout=60, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == -6, (proc.returncode, proc.stdout, proc.stderr)  # SIGABRT
+    assert b"survived" not in proc.stdout
+    assert b"cannot restore the daemon's credentials" in proc.stderr
