@@ -71,7 +71,7 @@ test-quick: setup
 # The stress test for longer (10 minutes by default; SOAK_SECONDS=... to change).
 SOAK_SECONDS ?= 600
 soak: setup
-	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v tests/test_stress.py
+	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v -s tests/test_stress.py tests/test_crash_model.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

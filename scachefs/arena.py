@@ -43,8 +43,12 @@ def create_memfd(chunk_size: int, budget: int) -> int:
 
 
 def slots_for(chunk_size: int, budget: int) -> int:
-    """Slots for a budget: every chunk takes a whole slot, the last of a layer too."""
-    return budget // chunk_size + 256
+    """Slots for a budget: one per whole chunk, so the arena's memory never exceeds it.
+
+    A partial last chunk of a layer takes a whole slot too; the cache evicts when it
+    runs out of slots as it does when it runs out of bytes (see ChunkCache._insert).
+    """
+    return max(1, budget // chunk_size)
 
 
 class Arena:
@@ -67,11 +71,15 @@ class Arena:
             _HEAD.pack_into(self._map, 0, MAGIC, 1, chunk_size, slots, 0)
             hwm = 0
         self._hwm: int = int(hwm)
-        self._limbo: dict[int, None] = {}  # restored slots no layer took yet: reused last
 
     def view(self, slot: int, length: int) -> memoryview:
         start = self._data + slot * self.chunk_size
         return self._view[start:start + length]
+
+    @property
+    def full(self) -> bool:
+        """No slot is free: the cache must evict a chunk before it puts one."""
+        return not self._free and self._hwm >= self.slots
 
     def _allocate(self) -> int:
         if self._free:
@@ -81,11 +89,7 @@ class Arena:
             self._hwm += 1
             struct.pack_into("<Q", self._map, _HWM_AT, self._hwm)
             return slot
-        if self._limbo:
-            slot = next(iter(self._limbo))
-            self.free(slot)
-            return self._free.pop()
-        raise MemoryError("cache arena full")  # the budget accounting prevents this
+        raise MemoryError("cache arena full")  # ChunkCache._insert evicts before put
 
     def put(self, identity: Identity, chunk: int, data: bytes | memoryview) -> tuple[int,
                                                                                    memoryview]:
@@ -103,15 +107,17 @@ class Arena:
         return slot, view
 
     def free(self, slot: int) -> None:
+        """Give a slot back; its header is cleared first, so no successor adopts it."""
         self._map[self._headers + slot * SLOT_HEADER:
                   self._headers + slot * SLOT_HEADER + 4] = b"\0\0\0\0"
-        self._limbo.pop(slot, None)
         self._free.append(slot)
 
     def scan(self) -> Restored:
         """Every slot a predecessor left that still checks out, by identity and chunk.
 
-        Blocking (it reads every used slot): run it before serving or in a worker.
+        The caller owns every slot it returns (it must adopt or free each); the rest
+        are free. A chunk found in two slots keeps one of them. Blocking (it reads
+        every used slot): run it before serving or in a worker.
         """
         restored: Restored = {}
         if not self.reusable:
@@ -126,10 +132,9 @@ class Arena:
                     or xxhash.xxh3_64_intdigest(self.view(slot, length)) != digest):
                 self._free.append(slot)
                 continue
-            restored.setdefault((dev, ino, size, mtime), {})[chunk] = (slot, length)
-            self._limbo[slot] = None
+            chunks = restored.setdefault((dev, ino, size, mtime), {})
+            if chunk in chunks:  # one owner per chunk: the other slot is free again
+                self.free(slot)
+                continue
+            chunks[chunk] = (slot, length)
         return restored
-
-    def adopted(self, slot: int) -> None:
-        """A restored slot was taken back into the cache."""
-        self._limbo.pop(slot, None)

@@ -13,7 +13,11 @@ Guarantees the rest of scachefs relies on:
   every other reader of it waits for that fill (a boot storm costs one read);
 * ``used_bytes <= budget_bytes`` at every instant; data a fill returns always
   reaches its readers even when it cannot be cached;
-* a failed or short fill caches nothing and every waiter gets the same errno;
+* a failed or short fill caches nothing and every waiter gets the same errno (a
+  short one raises :class:`ShortFill`: the layer shrank on the store);
+* a fill that started before the layer's ``trusted_at`` (its identity was too
+  fresh to rule out a write still landing under it) serves its readers but
+  caches nothing;
 * :meth:`ChunkCache.drop_layer` bumps the layer generation, so fills that were
   in flight when the layer changed never insert stale data afterwards.
 """
@@ -37,12 +41,22 @@ __all__ = [
     "Fill",
     "LayerBuffer",
     "LayerStats",
+    "ShortFill",
 ]
 
 Fill = Callable[[int, int], Awaitable[bytes]]
 """``fill(offset, length) -> bytes`` read from the store; raises OSError on failure."""
 
 DEFAULT_CHUNK_SIZE = 65536
+
+
+class ShortFill(OSError):
+    """The store returned fewer bytes than the layer's size promised: it shrank."""
+
+
+async def _dormant_fill(offset: int, length: int) -> bytes:
+    """The fill of a buffer adopted from the arena before its layer was opened again."""
+    raise OSError(errno.ESTALE, "no open file for this layer")
 
 
 def _size_bucket(length: int) -> int:
@@ -92,12 +106,17 @@ class LayerBuffer:
         "identity",
         "size",
         "stats",
+        "trusted_at",
     )
 
-    def __init__(self, identity: Hashable, size: int, fill: Fill) -> None:
+    def __init__(self, identity: Hashable, size: int, fill: Fill,
+                 trusted_at: float = float("-inf")) -> None:
         self.identity = identity
         self.size = size
         self.fill = fill
+        # trio time from which fills may be cached: before it, a write to the file may
+        # still be landing under this identity (its mtime is set before the data).
+        self.trusted_at = trusted_at
         self.stats = LayerStats()
         self._chunks: dict[int, bytes | memoryview] = {}
         self._slots: dict[int, int] = {}  # chunk -> arena slot (with an arena)
@@ -142,7 +161,8 @@ class LayerBuffer:
 class _Flight:
     """One in-progress fill of a run of contiguous chunks; waiters share its result."""
 
-    __slots__ = ("data", "error", "event", "first", "generation", "last", "layer", "length")
+    __slots__ = ("data", "error", "event", "first", "generation", "last", "layer", "length",
+                 "started")
 
     def __init__(self, layer: LayerBuffer, first: int, last: int, length: int) -> None:
         self.layer = layer
@@ -150,6 +170,7 @@ class _Flight:
         self.last = last
         self.length = length
         self.generation = layer._generation
+        self.started = trio.current_time()
         self.event = trio.Event()
         self.data: bytes | None = None
         self.error: OSError | None = None
@@ -210,13 +231,11 @@ class ChunkCache:
         self.total = LayerStats()
         self._layers: dict[Hashable, LayerBuffer] = {}
         # With an arena, chunks live in its shared memory (they outlive the daemon),
-        # and what a predecessor left there is adopted when its layer comes back.
+        # and what a predecessor left there is adopted at once (see _adopt).
         self.arena = arena
-        self._restored: Restored = arena.scan() if arena is not None else {}
-        self.restored_bytes = sum(length for chunks in self._restored.values()
-                                  for _, length in chunks.values())
         self._used = 0
         self._pinned_bytes = 0
+        self.restored_bytes = self._adopt(arena.scan()) if arena is not None else 0
 
     # ------------------------------------------------------------------ layers
 
@@ -243,9 +262,12 @@ class ChunkCache:
         """The buffer for ``identity`` if one is attached, without creating it."""
         return self._layers.get(identity)
 
-    def layer(self, identity: Hashable, size: int, fill: Fill) -> LayerBuffer:
+    def layer(self, identity: Hashable, size: int, fill: Fill,
+              trusted_at: float = float("-inf")) -> LayerBuffer:
         """Get or create the buffer of a layer.
 
+        ``trusted_at`` (trio time) is when the identity became safe to cache under
+        (see LayerBuffer.trusted_at); an existing buffer keeps the earlier of the two.
         An existing buffer keeps its ``fill``; a different ``size`` means the
         caller's view of the layer changed, which must go through
         ``drop_layer(identity, forget=True)`` first, hence ValueError.
@@ -254,33 +276,47 @@ class ChunkCache:
             raise ValueError(f"layer size must be >= 0, not {size}")
         buf = self._layers.get(identity)
         if buf is not None:
+            if buf.fill is _dormant_fill:  # chunks a predecessor left: now they have a file
+                buf.fill = fill
+            buf.trusted_at = min(buf.trusted_at, trusted_at)
             if buf.size != size:
                 raise ValueError(
                     f"layer {identity!r} is cached with size {buf.size}, not {size}; "
                     "drop_layer(identity, forget=True) it first"
                 )
             return buf
-        buf = LayerBuffer(identity, size, fill)
+        buf = LayerBuffer(identity, size, fill, trusted_at)
         self._layers[identity] = buf
-        restored = self._restored.pop(identity, None)  # type: ignore[call-overload]
-        if restored:
-            self._adopt(buf, restored)
         return buf
 
-    def _adopt(self, buf: LayerBuffer, restored: dict[int, tuple[int, int]]) -> None:
-        """Take back the chunks a predecessor left in the arena (checked by its scan)."""
+    def _adopt(self, restored: Restored) -> int:
+        """Take back every chunk a predecessor left in the arena (checked by its scan).
+
+        Each becomes an ordinary resident chunk of a buffer keyed by its identity, so
+        every slot has exactly one owner from the start: the layer finds its chunks
+        when it is opened again (its identity unchanged), and chunks of layers that
+        changed or are gone are evicted like any other. Returns the bytes adopted.
+        """
         arena = self.arena
         assert arena is not None
-        for index, (slot, length) in sorted(restored.items()):
-            if self._used + length > self._budget or index * self.chunk_size >= buf.size:
-                arena.free(slot)
-                continue
-            arena.adopted(slot)
-            buf._chunks[index] = arena.view(slot, length)
-            buf._slots[index] = slot
-            buf._resident += length
-            self._used += length
-            self._policy.insert(buf, index, length)
+        adopted = 0
+        for identity, chunks in restored.items():
+            size = identity[2]
+            buf = LayerBuffer(identity, size, _dormant_fill)
+            for index, (slot, length) in sorted(chunks.items()):
+                expected = min(self.chunk_size, size - index * self.chunk_size)
+                if length != expected or self._used + length > self._budget:
+                    arena.free(slot)
+                    continue
+                buf._chunks[index] = arena.view(slot, length)
+                buf._slots[index] = slot
+                buf._resident += length
+                self._used += length
+                self._policy.insert(buf, index, length)
+            if buf._chunks:
+                self._layers[identity] = buf
+                adopted += buf._resident
+        return adopted
 
     def drop_layer(self, identity: Hashable, *, forget: bool = False) -> None:
         """Forget every chunk of a layer (it was written to or changed).
@@ -457,7 +493,7 @@ class ChunkCache:
         fetched = 0
         for flight in own:
             if flight.error is not None:
-                raise OSError(flight.error.errno, flight.error.strerror)
+                raise type(flight.error)(flight.error.errno, flight.error.strerror)
             if flight.data is not None:
                 fetched += len(flight.data)
         return fetched
@@ -547,7 +583,7 @@ class ChunkCache:
                         if is_joined:  # a waiter is an access too
                             touch(layer, index)
             if error is not None:
-                raise OSError(error.errno, error.strerror)
+                raise type(error)(error.errno, error.strerror)
         return [piece for piece in out if piece is not None]
 
     async def _run_flights(self, flights: list[_Flight]) -> None:
@@ -582,7 +618,7 @@ class ChunkCache:
             stats.store_bytes += len(data)
             total.store_bytes += len(data)
             if len(data) < length:
-                raise OSError(
+                raise ShortFill(
                     errno.EIO,
                     f"short read from store: {len(data)} of {length} bytes at offset {offset}",
                 )
@@ -611,7 +647,8 @@ class ChunkCache:
     def _commit(self, flight: _Flight) -> None:
         """Insert a successful fill's chunks, unless the layer changed meanwhile."""
         layer = flight.layer
-        if not layer._attached or flight.generation != layer._generation:
+        if (not layer._attached or flight.generation != layer._generation
+                or flight.started < layer.trusted_at):
             return
         data = flight.data
         assert data is not None
@@ -636,20 +673,23 @@ class ChunkCache:
         if self._pinned_bytes + nbytes > self._budget:
             return False
         policy = self._policy
-        while self._used + nbytes > self._budget:
+        arena = self.arena
+        while self._used + nbytes > self._budget or (arena is not None and arena.full):
             evicted = policy.evict()
             if evicted is None:  # only pinned chunks left (cannot happen given the check)
                 return False
             owner, victim_index = evicted
             victim = owner._chunks.pop(victim_index)
-            if self.arena is not None:
-                self.arena.free(owner._slots.pop(victim_index))
+            if arena is not None:
+                arena.free(owner._slots.pop(victim_index))
+                if not owner._chunks and owner.fill is _dormant_fill:
+                    self._layers.pop(owner.identity, None)  # nothing left to adopt
             owner._resident -= len(victim)
             self._used -= len(victim)
             owner.stats.evictions += 1
             self.total.evictions += 1
-        if self.arena is not None:
-            slot, view = self.arena.put(layer.identity, index, chunk)  # type: ignore[arg-type]
+        if arena is not None:
+            slot, view = arena.put(layer.identity, index, chunk)  # type: ignore[arg-type]
             layer._slots[index] = slot
             layer._chunks[index] = view
         else:

@@ -236,9 +236,12 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     ``detach``: the holder runs in the background; once the mount is live this
     process lets go of the terminal too (until then, errors still reach the user).
     """
-    fuse_fd, root_fd, state_fd, ready_fd, arena_fd = (int(v) for v in spec.split(","))
-    for fd in (fuse_fd, root_fd, state_fd, arena_fd):
-        os.set_inheritable(fd, False)
+    values = [int(v) for v in spec.split(",")]
+    fuse_fd, root_fd, state_fd, ready_fd, arena_fd = values[:5]
+    keeper_fd = values[5] if len(values) > 5 else None  # a holder older than the keeper
+    for fd in (fuse_fd, root_fd, state_fd, arena_fd, keeper_fd):
+        if fd is not None:
+            os.set_inheritable(fd, False)
     # The open-file limit is the holder's, raised (and warned about) once there.
 
     def ready() -> None:
@@ -254,7 +257,7 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     try:
         return _serve_daemon(source, mountpoint, opts,
                              daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd,
-                                                arena_fd),
+                                                arena_fd, keeper_fd),
                              cause, ready)
     except MountError as exc:
         log.error("%s", exc)

@@ -140,6 +140,10 @@ class InodeTable:
         """The entry of a store object, if the kernel knows it."""
         return self._by_key.get((st.st_dev, st.st_ino))
 
+    def by_key(self, key: tuple[int, int]) -> Inode | None:
+        """The entry of the store object ``(st_dev, st_ino)``, if the kernel knows it."""
+        return self._by_key.get(key)
+
     def relpath(self, inode: Inode) -> bytes | None:
         """The object's path relative to the store root, from the names the kernel used.
 

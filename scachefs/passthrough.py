@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -25,11 +26,23 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from scachefs import creds, syscalls
+import trio
+
+from scachefs import creds, locks, syscalls
 from scachefs.fuse import abi
-from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
+from scachefs.fuse.ops import (
+    Attr,
+    Entry,
+    FuseError,
+    Lock,
+    Opened,
+    Operations,
+    Request,
+    SetAttr,
+)
 from scachefs.fuse.session import DirBuffer, Session
 from scachefs.inodes import Inode, InodeTable
+from scachefs.keeper import Keeper
 from scachefs.options import MountOptions
 from scachefs.takeover import KIND_CACHED, KIND_PASSTHROUGH, Journal
 from scachefs.workers import WorkerPool
@@ -49,15 +62,17 @@ _CAPS_XATTR = b"security.capability"
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
                             errno.ENOTCONN, errno.ETIMEDOUT})
 _ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
-# INIT flags a passthrough of a directory tree wants from the kernel. POSIX_ACL: the
-# kernel checks the store's ACLs itself (it asks for system.posix_acl_access); with
+# INIT flags a passthrough of a directory tree wants from the kernel. No export support
+# (NO_EXPORT_SUPPORT): a handle would resolve by node id alone once the kernel forgot the
+# inode, and our node ids are store inode numbers, which the store reuses. POSIX_ACL:
+# the kernel checks the store's ACLs itself (it asks for system.posix_acl_access); with
 # DONT_MASK it leaves the umask to us, which a create done as the caller with the
 # request's umask applies exactly as the store does: ignored where the parent has a
 # default ACL. CREATE_SUPP_GROUP: creates carry the parent's group when the caller
 # is in it; SETXATTR_EXT: the kernel says when an ACL change must drop setgid.
-_WANTED = (abi.EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
-           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2 | abi.POSIX_ACL | abi.DONT_MASK
-           | abi.SETXATTR_EXT | abi.CREATE_SUPP_GROUP)
+_WANTED = (abi.NO_EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2 | abi.POSIX_LOCKS | abi.FLOCK_LOCKS
+           | abi.POSIX_ACL | abi.DONT_MASK | abi.SETXATTR_EXT | abi.CREATE_SUPP_GROUP)
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,6 +84,8 @@ class OpenFile:
     flags: int
     backing_id: int = 0  # the kernel does this handle's I/O (passthrough)
     cached: bool = False  # served by us through the kernel's page cache
+    # POSIX/OFD lock owners that took locks through this open file (see locks.py).
+    lock_owners: set[int] = dataclasses.field(default_factory=set)
 
     @property
     def writable(self) -> bool:
@@ -193,10 +210,12 @@ class Passthrough(Operations):
         # Reads and writes of plain files that reached the daemon (with passthrough: none).
         self.daemon_io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
         self.journal: Journal | None = None  # with a holder: the state a successor restores
+        self.keeper: Keeper | None = None  # with a holder: it pins our open files
 
     def use_journal(self, journal: Journal) -> None:
         """Write every table change to the state a restarted daemon takes over."""
         self.journal = journal
+        journal.fs = self
         self.table.changed = journal.node
         self.table.gone = journal.node_gone
 
@@ -415,6 +434,8 @@ class Passthrough(Operations):
         self.files[fh] = handle
         if self.journal is not None:
             self.journal.file(fh, handle, self.file_kind(handle))
+        if self.keeper is not None:  # the holder pins the file should we die
+            self.keeper.keep(fh, handle.fd)
         return fh
 
     def _unregister_file(self, fh: int) -> OpenFile | None:
@@ -423,6 +444,8 @@ class Passthrough(Operations):
         handle = self.files.pop(fh, None)
         if handle is not None and self.journal is not None:
             self.journal.file_gone(fh)
+        if handle is not None and self.keeper is not None:
+            self.keeper.drop(fh)
         return handle
 
     def _adopt_dir(self, fh: int, fd: int, node: Inode) -> None:
@@ -638,8 +661,44 @@ class Passthrough(Operations):
         self.daemon_io["write_bytes"] += written
         return written
 
-    async def flush(self, fh: int) -> None:
-        await self.workers.run(_flush, self.files[fh].fd)
+    async def flush(self, fh: int, lock_owner: int = 0) -> None:
+        handle = self.files[fh]
+        owners = handle.lock_owners
+        if lock_owner in owners:  # a POSIX owner closed a descriptor: its locks go
+            owners.discard(lock_owner)
+            if not owners:
+                await self.workers.run(locks.unlock_all, handle.fd)
+        await self.workers.run(_flush, handle.fd)
+
+    # ------------------------------------------------------------------ locks
+    async def getlk(self, fh: int, owner: int, lock: Lock) -> Lock:
+        handle = self.files[fh]
+        if lock.flock:  # flock() has no F_GETLK
+            return Lock(fcntl.F_UNLCK, lock.start, lock.end)
+        ltype, start, end, pid = await self.workers.run(locks.get, handle.fd, lock.type,
+                                                        lock.start, lock.end)
+        return Lock(ltype, start, end, pid)
+
+    async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """The lock on the store, through this open file's own descriptor (locks.py);
+        a wait polls (backing off to 50 ms) so that no worker thread is held by it."""
+        handle = self.files[fh]
+        if lock.type != fcntl.F_UNLCK and not lock.flock:
+            handle.lock_owners.add(owner)
+        delay = 0.001
+        while True:
+            try:
+                if lock.flock:
+                    await self.workers.run(locks.set_flock, handle.fd, lock.type)
+                else:
+                    await self.workers.run(locks.set_range, handle.fd, lock.type, lock.start,
+                                           lock.end)
+                return
+            except OSError as exc:
+                if not wait or exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)

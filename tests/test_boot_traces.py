@@ -13,7 +13,7 @@ from typing import Any
 
 from scachefs import traces as trace_format
 from tests.conftest import MountFactory
-from tests.mounting import drop_caches, run
+from tests.mounting import drop_caches, run, settle
 from tests.test_qemu_passthrough import qemu_io
 from tests.test_shadow_cache import layer_stats, overlay, stats
 
@@ -25,7 +25,7 @@ def make_boot_base(store: Path) -> Path:
     base = store / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "128M")
     run("qemu-io", "-c", "write -P 0x42 0 64M", base)
-    return base
+    return settle(base)
 
 
 def layer_fingerprint(layer: Path) -> bytes:
@@ -201,6 +201,7 @@ def test_a_changed_layer_is_detected_chunk_by_chunk_and_re_recorded(
     first = next(c for c in script if c.startswith("read"))
     _, _, _, offset, length = first.split()
     run("qemu-io", "-c", f"write -P 0x43 {offset} {length}", base)
+    settle(base, 1800)  # changed after the boot was recorded, before this one
     assert layer_fingerprint(base) == before
     mount = mount_factory(store, mnt, "allow_other")
     overlay(store, "vm2.qcow2", "base.qcow2")
@@ -301,6 +302,7 @@ def test_a_base_copied_to_a_new_name_finds_its_traces(
     record_one_boot(store, mnt, mount_factory, "host_id=h1")
     (store / "bases").mkdir()
     shutil.copyfile(store / "base.qcow2", store / "bases" / "copy.qcow2")  # new inode, mtime
+    settle(store / "bases" / "copy.qcow2", 1800)
     (store / "base.qcow2").unlink()
     mount_factory(store, mnt, "allow_other", "host_id=h1")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "bases/copy.qcow2", "-F", "qcow2",

@@ -100,6 +100,7 @@ ATOMIC_O_TRUNC = 1 << 3
 EXPORT_SUPPORT = 1 << 4
 BIG_WRITES = 1 << 5
 DONT_MASK = 1 << 6
+FLOCK_LOCKS = 1 << 10
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 READDIRPLUS_AUTO = 1 << 14
@@ -202,6 +203,9 @@ GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 ACCESS_IN = struct.Struct("<II")
 INTERRUPT_IN = struct.Struct("<Q")
+LK_IN = struct.Struct("<QQQQIIII")  # fh owner start end type pid lk_flags padding
+LK_OUT = struct.Struct("<QQII")  # start end type pid
+LK_FLOCK = 1 << 0  # lk_flags: a flock(), not a POSIX/OFD lock
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 LSEEK_IN = struct.Struct("<QQII")
 LSEEK_OUT = struct.Struct("<Q")
@@ -216,8 +220,8 @@ _SIZES = {IN_HEADER: 40, OUT_HEADER: 16, ATTR: 88, ENTRY_OUT_HEAD: 40, ATTR_OUT_
           INIT_IN: 64, INIT_OUT: 64, GETATTR_IN: 16, SETATTR_IN: 88, MKNOD_IN: 16,
           MKDIR_IN: 8, RENAME2_IN: 16, OPEN_IN: 8, CREATE_IN: 16, OPEN_OUT: 16,
           RELEASE_IN: 24, FLUSH_IN: 24, READ_IN: 40, WRITE_IN: 40, WRITE_OUT: 8, KSTATFS: 80,
-          FSYNC_IN: 16, GETXATTR_IN: 8, SETXATTR_IN_EXT: 16, EXT_HEADER: 8,
-          FALLOCATE_IN: 32, LSEEK_IN: 24,
+          FSYNC_IN: 16, GETXATTR_IN: 8, SETXATTR_IN_EXT: 16, EXT_HEADER: 8, LK_IN: 48,
+          LK_OUT: 24, FALLOCATE_IN: 32, LSEEK_IN: 24,
           COPY_FILE_RANGE_IN: 56, DIRENT_HEAD: 24, NOTIFY_INVAL_INODE_OUT: 24,
           NOTIFY_INVAL_ENTRY_OUT: 16, NOTIFY_DELETE_OUT: 24, BACKING_MAP: 16}
 for _s, _n in _SIZES.items():

@@ -77,6 +77,17 @@ class Opened:
 
 
 @dataclasses.dataclass(slots=True)
+class Lock:
+    """A byte-range lock (inclusive ``end``; 2**63-1: to the end of file) or a flock()."""
+
+    type: int  # fcntl.F_RDLCK, F_WRLCK or F_UNLCK
+    start: int = 0
+    end: int = (1 << 63) - 1
+    pid: int = 0
+    flock: bool = False
+
+
+@dataclasses.dataclass(slots=True)
 class SetAttr:
     """The changes a setattr asks for: None means unchanged."""
 
@@ -175,7 +186,15 @@ class Operations:
     async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
         raise FuseError(errno.ENOSYS)
 
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: int, lock_owner: int = 0) -> None:
+        raise FuseError(errno.ENOSYS)
+
+    async def getlk(self, fh: int, owner: int, lock: Lock) -> Lock:
+        """The first lock that conflicts with ``lock`` (type F_UNLCK if none)."""
+        raise FuseError(errno.ENOSYS)
+
+    async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """Take or release ``lock``; EAGAIN on a conflict unless ``wait``."""
         raise FuseError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:

@@ -27,7 +27,16 @@ from typing import Any
 import trio
 
 from scachefs.fuse import abi
-from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
+from scachefs.fuse.ops import (
+    Attr,
+    Entry,
+    FuseError,
+    Lock,
+    Opened,
+    Operations,
+    Request,
+    SetAttr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +164,7 @@ class Session:
         self.on_init: Callable[[int, int], None] = lambda minor, flags: None
         self._reading = trio.CancelScope()
         self._handing_over = False
+        self._waits: dict[int, trio.CancelScope] = {}  # SETLKW in progress, by unique
         self._handlers: dict[int, Callable[[Request, int, bytes], Awaitable[None]]] = {
             abi.LOOKUP: self._op_lookup, abi.GETATTR: self._op_getattr,
             abi.SETATTR: self._op_setattr, abi.READLINK: self._op_readlink,
@@ -171,6 +181,7 @@ class Session:
             abi.FSYNCDIR: self._op_fsyncdir, abi.ACCESS: self._op_access,
             abi.CREATE: self._op_create, abi.FALLOCATE: self._op_fallocate,
             abi.LSEEK: self._op_lseek, abi.COPY_FILE_RANGE: self._op_copy_file_range,
+            abi.GETLK: self._op_getlk, abi.SETLK: self._op_setlk, abi.SETLKW: self._op_setlkw,
         }
 
     # ------------------------------------------------------------------ loop
@@ -314,7 +325,14 @@ class Session:
             self._batch_forget(buf, n)
             return
         elif opcode == abi.INTERRUPT:
-            return  # handlers always finish; the kernel waits for their answers
+            # Handlers always finish (the kernel waits for their answers), but a lock
+            # wait is given up: it answers EINTR.
+            if n >= abi.IN_HEADER.size + abi.INTERRUPT_IN.size:
+                (target,) = abi.INTERRUPT_IN.unpack_from(buf, abi.IN_HEADER.size)
+                scope = self._waits.get(target)
+                if scope is not None:
+                    scope.cancel()
+            return
         elif opcode == abi.DESTROY:
             self.ops.destroy()
             self._reply(unique, b"")
@@ -609,8 +627,39 @@ class Session:
     async def _op_flush(self, req: Request, nodeid: int, args: bytes) -> None:
         if len(args) < abi.FLUSH_IN.size:
             raise _Malformed("short flush_in")
-        (fh,) = abi.FLUSH_IN.unpack_from(args)[:1]
-        await self.ops.flush(fh)
+        fh, _, _, lock_owner = abi.FLUSH_IN.unpack_from(args)
+        await self.ops.flush(fh, lock_owner)
+        self._reply(req.unique, b"")
+
+    def _lk_in(self, args: bytes) -> tuple[int, int, Lock]:
+        if len(args) < abi.LK_IN.size:
+            raise _Malformed("short lk_in")
+        fh, owner, start, end, ltype, pid, lk_flags, _ = abi.LK_IN.unpack_from(args)
+        if start > end or end > (1 << 63) - 1:
+            raise FuseError(errno.EINVAL)
+        return fh, owner, Lock(ltype, start, end, pid, bool(lk_flags & abi.LK_FLOCK))
+
+    async def _op_getlk(self, req: Request, nodeid: int, args: bytes) -> None:
+        fh, owner, lock = self._lk_in(args)
+        found = await self.ops.getlk(fh, owner, lock)
+        self._reply(req.unique, abi.LK_OUT.pack(found.start, found.end, found.type,
+                                                max(found.pid, 0)))
+
+    async def _op_setlk(self, req: Request, nodeid: int, args: bytes) -> None:
+        fh, owner, lock = self._lk_in(args)
+        await self.ops.setlk(fh, owner, lock, wait=False)
+        self._reply(req.unique, b"")
+
+    async def _op_setlkw(self, req: Request, nodeid: int, args: bytes) -> None:
+        fh, owner, lock = self._lk_in(args)
+        with trio.CancelScope() as scope:
+            self._waits[req.unique] = scope
+            try:
+                await self.ops.setlk(fh, owner, lock, wait=True)
+            finally:
+                del self._waits[req.unique]
+        if scope.cancelled_caught:
+            raise FuseError(errno.EINTR)
         self._reply(req.unique, b"")
 
     async def _op_setxattr(self, req: Request, nodeid: int, args: bytes) -> None:
