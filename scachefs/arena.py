@@ -20,7 +20,7 @@ import xxhash
 MAGIC = b"SCARENA1"
 _HEAD = struct.Struct("<8sIIQQ")  # magic, version, chunk size, slots, high-water mark
 _HWM_AT = 24
-_SLOT = struct.Struct("<4sIQQQQQQ")  # magic, length, dev, ino, size, mtime, chunk, digest
+_SLOT = struct.Struct("<4sIQQQqQQ")  # magic, length, dev, ino, size, mtime (signed), chunk, digest
 _CHECK = struct.Struct("<Q")
 SLOT_HEADER = 64
 _SLOT_MAGIC = b"SCCK"

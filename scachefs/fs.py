@@ -747,6 +747,10 @@ class ScacheFS(Passthrough):
                 layer.should_record = bool(enabled)
             log.info("recording %s for %s on request of uid %d",
                      "enabled" if enabled else "disabled", path or "all layers", uid)
+        elif action == "reload_traces":  # scachefs-trace changed the trace directory
+            path = control.optional_str(args, "path")
+            await self.boots.reload([la for la in self.layers.values()
+                                     if path in (None, la.path)])
         elif action == "upgrade":
             if self.holder_pid is None:
                 raise control.ControlError(errno.EOPNOTSUPP, "this mount has no holder to "
@@ -758,6 +762,8 @@ class ScacheFS(Passthrough):
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise control.ControlError(errno.EINVAL, f"unknown log level {level!r}")
             logging.getLogger().setLevel(level)
+            if self.session is not None:
+                self.session.log_requests(level == "DEBUG")
             log.warning("log level set to %s by uid %d", level, uid)
         else:
             raise control.ControlError(errno.EINVAL, f"unknown action {action!r}")

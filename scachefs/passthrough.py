@@ -53,7 +53,11 @@ T = TypeVar("T")
 # Flags that make no sense when the daemon reopens an existing object for a caller.
 # O_NOFOLLOW: the kernel already resolved the name without following it, and the
 # reopen goes through /proc/self/fd/N, a magic link that O_NOFOLLOW refuses (ELOOP).
-_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+# O_APPEND: every WRITE the kernel sends carries its offset (the kernel places an
+# appending write at the end itself), and pwrite on an O_APPEND descriptor ignores
+# the offset: a page written back through a shared mapping would land at the end.
+_STRIP_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+                     | os.O_APPEND)
 _READDIR_BATCH = 32
 FD_RESERVE = 32  # descriptors kept free for opens, store reads and traces (at least)
 FD_BASELINE = 16  # descriptors of the process itself: stdio, /dev/fuse, the trace dir, ...
@@ -185,6 +189,24 @@ def _kill_suidgid(fd: int) -> bool:
     if mode & kill:
         os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) & ~kill)
         return True
+    return False
+
+
+_CAP_SYS_ADMIN = 21
+
+
+def _caller_has_sys_admin(pid: int) -> bool:
+    """Whether a caller holds CAP_SYS_ADMIN in our user namespace, as the store's
+    ``capable(CAP_SYS_ADMIN)`` would see it (blocking: /proc). False if it is gone."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
+            return False  # capabilities in a user namespace of its own do not count
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
     return False
 
 
@@ -506,8 +528,10 @@ class Passthrough(Operations):
                 kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
                 if st.st_mode & kill and stat.S_ISREG(st.st_mode):
                     os.chmod(node.proc_path, stat.S_IMODE(st.st_mode) & ~kill)
-            if changes.atime_ns is not None or changes.mtime_ns is not None:
-                syscalls.utimens_fd(node.fd, changes.atime_ns, changes.mtime_ns)
+            if (changes.atime_ns is not None or changes.mtime_ns is not None
+                    or changes.atime_now or changes.mtime_now):
+                syscalls.utimens_fd(node.fd, changes.atime_ns, changes.mtime_ns,
+                                    atime_now=changes.atime_now, mtime_now=changes.mtime_now)
             return os.fstat(node.fd)
 
         st = await self.workers.run(work)
@@ -845,14 +869,17 @@ class Passthrough(Operations):
         await self.workers.run(os.fsync, self.dirs[fh].fd)
 
     # ---------------------------------------------------------- whole-fs, xattr
+    # xattrs go through /proc/self/fd/N of the node's O_PATH descriptor: the magic
+    # link resolves to the object itself, a symlink included, which is never
+    # followed (the l*xattr calls would act on the magic link instead). The store
+    # then answers as for lsetxattr & co. on it: trusted.* and security.* work on a
+    # symlink for root, user.* is refused (EPERM) as Linux refuses it everywhere.
     async def statfs(self, nodeid: int, req: Request) -> os.statvfs_result:
         return await self.workers.run(os.statvfs, self.table.root.fd)
 
     async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
                        req: Request) -> None:
         node = self._inode(nodeid)
-        if node.is_symlink:
-            raise FuseError(errno.EPERM)
         node.no_caps_until = 0.0
         await self.workers.run(self._xattr_change, node, name, req,
                                lambda: os.setxattr(node.proc_path, name, value, flags))
@@ -893,8 +920,6 @@ class Passthrough(Operations):
 
     async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
         node = self._inode(nodeid)
-        if node.is_symlink:
-            raise FuseError(errno.ENODATA)
         try:
             value: bytes = await self.workers.run(os.getxattr, node.proc_path, name)
         except OSError as exc:
@@ -909,15 +934,18 @@ class Passthrough(Operations):
 
     async def listxattr(self, nodeid: int, req: Request) -> list[bytes]:
         node = self._inode(nodeid)
-        if node.is_symlink:
-            return []
-        names = await self.workers.run(os.listxattr, node.proc_path)
-        return [os.fsencode(n) for n in names]
+
+        def work() -> list[bytes]:
+            names = [os.fsencode(n) for n in os.listxattr(node.proc_path)]
+            if self._as_root and not _caller_has_sys_admin(req.pid):
+                # The store lists trusted.* only to CAP_SYS_ADMIN; the daemon is root.
+                names = [n for n in names if not n.startswith(b"trusted.")]
+            return names
+
+        return await self.workers.run(work)
 
     async def removexattr(self, nodeid: int, name: bytes, req: Request) -> None:
         node = self._inode(nodeid)
-        if node.is_symlink:
-            raise FuseError(errno.ENODATA)
         node.no_caps_until = 0.0
         await self.workers.run(self._xattr_change, node, name, req,
                                lambda: os.removexattr(node.proc_path, name))

@@ -54,11 +54,19 @@ def chown_fd(fd: int, uid: int, gid: int) -> None:
                           AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
-def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """Set atime and/or mtime of the object behind an O_PATH fd; None leaves a time as is."""
+def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None, *,
+               atime_now: bool = False, mtime_now: bool = False) -> None:
+    """Set atime and/or mtime of the object behind an O_PATH fd.
+
+    A time is nanoseconds since 1970 (negative before); None leaves it as is
+    (UTIME_OMIT); ``*_now`` sets it to the store's current time (UTIME_NOW), with
+    the store's clock and the store's rules.
+    """
     times = (_Timespec * 2)()
-    for slot, value in ((0, atime_ns), (1, mtime_ns)):
-        if value is None:
+    for slot, value, now in ((0, atime_ns, atime_now), (1, mtime_ns, mtime_now)):
+        if now:
+            times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_NOW
+        elif value is None:
             times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_OMIT
         else:
             times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)

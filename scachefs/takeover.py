@@ -31,7 +31,9 @@ KIND_CACHED = 1  # served by us through the kernel's page cache
 KIND_PASSTHROUGH = 2  # the kernel does its I/O (backing_id)
 KIND_LAYER = 4  # a read-only handle of a backing layer, served from the cache
 FH_STEP = 1024  # the fh high-water mark is raised in steps: one header write per 1024 opens
-_REOPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+# As passthrough._STRIP_OPEN_FLAGS, and O_TRUNC: the file was truncated at its first open.
+_REOPEN_STRIP = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+                 | os.O_APPEND)
 
 
 class Journal:

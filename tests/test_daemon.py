@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import MountFactory
 from tests.mounting import mount_type, run
 
 SCACHEFS = [sys.executable, "-m", "scachefs"]
@@ -82,3 +83,32 @@ def test_stat_refuses_a_path_that_is_not_a_mount(tmp_path: Path) -> None:
     assert "is not a scachefs mount" in result.stderr
     result = run(Path(sys.executable).parent / "scachefs-stat", "/proc", check=False)
     assert result.returncode != 0 and "not a scachefs mount" in result.stderr
+
+
+def test_debug_logs_every_request(store: Path, mnt: Path,
+                                  mount_factory: MountFactory) -> None:
+    """--debug (help, usage.md and the man page promise it): each request with its caller
+    and its answer, from the session layer; without it, none."""
+    mount = mount_factory(store, mnt, debug=True)
+    quiet_mnt = mnt.parent / "quiet"
+    quiet_mnt.mkdir()
+    quiet = mount_factory(store, quiet_mnt)
+    for where in (mnt, quiet_mnt):
+        try:
+            os.stat(where / "absent-name")
+        except FileNotFoundError:
+            pass
+        (where / "made").write_bytes(b"x")
+    lines = mount.log().splitlines()
+    lookups = [line for line in lines if "LOOKUP unique=" in line and "-> ENOENT" in line]
+    assert any(f"nodeid=1 uid=0 gid=0 pid={os.getpid()}" in line for line in lookups), lines
+    assert any("CREATE unique=" in line and "-> OK" in line for line in lines), lines
+    assert "unique=" not in quiet.log()
+    # The log_level action switches it on and off on a live mount.
+    os.setxattr(quiet_mnt, "user.scachefs.command", b'{"action": "log_level", "level": "debug"}')
+    os.stat(quiet_mnt / "made")
+    (quiet_mnt / "second").write_bytes(b"x")
+    assert "CREATE unique=" in quiet.log()
+    os.setxattr(quiet_mnt, "user.scachefs.command", b'{"action": "log_level", "level": "info"}')
+    (quiet_mnt / "third").write_bytes(b"x")
+    assert quiet.log().count("CREATE unique=") == 1

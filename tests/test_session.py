@@ -10,6 +10,7 @@ to the same code in every integration test.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -281,3 +282,48 @@ def test_dirbuffer_packs_aligned_entries_until_full() -> None:
     second = 128 + 32
     assert abi.ENTRY_OUT_HEAD.unpack_from(data, second)[0] == 0
     assert len(data) == 2 * (128 + 32)
+
+
+@pytest.mark.trio
+async def test_debug_logs_every_request_with_its_answer(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        caplog.set_level(logging.DEBUG, logger="scachefs.fuse.session")
+        session = Session(ours.fileno(), Toy())
+        k = Kernel(theirs)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            await k.ask(init_request())
+            assert (await k.ask(request(abi.LOOKUP, b"missing\0", unique=21)))[0] == \
+                errno.ENOENT
+            await k.ask(request(abi.GETATTR, bytes(16), unique=22, nodeid=42))
+            read_in = abi.READ_IN.pack(7, 0, 4, 0, 0, 0, 0)
+            await k.ask(request(abi.READ, read_in, unique=23))  # answered inline
+            k.send(request(abi.FORGET, abi.FORGET_IN.pack(1), nodeid=42, unique=24))
+            await k.ask(request(abi.GETATTR, bytes(16), unique=25))
+            nursery.cancel_scope.cancel()
+    text = caplog.text
+    assert "LOOKUP unique=21 nodeid=1 uid=1000 gid=1000 pid=4242 -> ENOENT" in text, text
+    assert "GETATTR unique=22 nodeid=42 uid=1000 gid=1000 pid=4242 -> OK, 104 bytes" in text
+    assert "READ unique=23 nodeid=1 uid=1000 gid=1000 pid=4242 -> OK, 4 bytes" in text
+    assert "FORGET unique=24 nodeid=42 uid=1000 gid=1000 pid=4242: no reply" in text
+    assert not session._pending  # every answer found its request
+
+
+@pytest.mark.trio
+async def test_without_debug_requests_are_not_logged_and_cost_no_check(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        caplog.set_level(logging.INFO, logger="scachefs.fuse.session")
+        session = Session(ours.fileno(), Toy())
+        assert session._dispatch_one == session._dispatch
+        assert session._write == session._write_reply
+        k = Kernel(theirs)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            await k.ask(init_request())
+            await k.ask(request(abi.LOOKUP, b"missing\0", unique=21))
+            nursery.cancel_scope.cancel()
+    assert "unique=21" not in caplog.text

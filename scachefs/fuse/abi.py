@@ -165,9 +165,13 @@ MAX_WRITE = MAX_PAGES_LIMIT * 4096
 READ_BUFFER = MAX_WRITE + 4096
 
 # ----------------------------------------------------------------------- structs
+# The header declares most fields unsigned, but the kernel fills times (seconds
+# since 1970, negative before it) and file offsets and sizes (loff_t) from
+# signed types: those are packed signed here ("q"), so a 1960 mtime or a
+# negative lseek offset reaches the store as what the caller asked.
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode
 # nlink uid gid rdev blksize flags
 ENTRY_OUT_HEAD = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid *nsec
 ATTR_OUT_HEAD = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
@@ -179,7 +183,7 @@ FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
 GETATTR_IN = struct.Struct("<IIQ")
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # valid pad fh size lock_owner atime mtime
+SETATTR_IN = struct.Struct("<IIQqQqqqIIIIIIII")  # valid pad fh size lock_owner atime mtime
 # ctime atimensec mtimensec ctimensec mode unused4 uid gid unused5
 MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding
 MKDIR_IN = struct.Struct("<II")  # mode umask
@@ -191,8 +195,8 @@ CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags
 OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 FLUSH_IN = struct.Struct("<QIIQ")
-READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
-WRITE_IN = struct.Struct("<QQIIQII")
+READ_IN = struct.Struct("<QqIIQII")  # fh offset size read_flags lock_owner flags padding
+WRITE_IN = struct.Struct("<QqIIQII")
 WRITE_OUT = struct.Struct("<II")
 KSTATFS = struct.Struct("<QQQQQIII28x")  # blocks bfree bavail files ffree bsize namelen frsize
 FSYNC_IN = struct.Struct("<QII")
@@ -206,10 +210,10 @@ INTERRUPT_IN = struct.Struct("<Q")
 LK_IN = struct.Struct("<QQQQIIII")  # fh owner start end type pid lk_flags padding
 LK_OUT = struct.Struct("<QQII")  # start end type pid
 LK_FLOCK = 1 << 0  # lk_flags: a flock(), not a POSIX/OFD lock
-FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
-LSEEK_IN = struct.Struct("<QQII")
-LSEEK_OUT = struct.Struct("<Q")
-COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len
+FALLOCATE_IN = struct.Struct("<QqqII")  # fh offset length mode padding
+LSEEK_IN = struct.Struct("<QqII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("<q")
+COPY_FILE_RANGE_IN = struct.Struct("<QqQQqQQ")  # fh_in off_in nodeid_out fh_out off_out len
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")

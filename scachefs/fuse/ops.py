@@ -95,8 +95,10 @@ class SetAttr:
     uid: int | None = None
     gid: int | None = None
     size: int | None = None
-    atime_ns: int | None = None  # UTIME_NOW as syscalls.UTIME_NOW
+    atime_ns: int | None = None  # nanoseconds since 1970 (negative before)
     mtime_ns: int | None = None
+    atime_now: bool = False  # set atime to the store's "now" (utimensat's UTIME_NOW)
+    mtime_now: bool = False
     fh: int | None = None
     kill_suidgid: bool = False
 

@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -45,8 +46,8 @@ SESSION_FLAGS = (abi.ASYNC_READ | abi.BIG_WRITES | abi.MAX_PAGES | abi.INIT_EXT
                  | abi.PARALLEL_DIROPS | abi.ASYNC_DIO)
 MAX_BACKGROUND = 64  # async requests in flight (aio reads of qemu's cache=none)
 CONGESTION_THRESHOLD = 48
-UTIME_NOW = (1 << 30) - 1
 _CHECKPOINT_EVERY = 32  # inline answers between checkpoints: spawned tasks get to run
+_NO_REPLY = frozenset({abi.FORGET, abi.BATCH_FORGET, abi.INTERRUPT})
 
 
 def _timeout(seconds: float) -> tuple[int, int]:
@@ -165,6 +166,19 @@ class Session:
         self._reading = trio.CancelScope()
         self._handing_over = False
         self._waits: dict[int, trio.CancelScope] = {}  # SETLKW in progress, by unique
+        # --debug: every request and its answer in the log. Decided once, here: when
+        # off, the read loop and the replies run the plain methods, with no check.
+        self._pending: dict[int, tuple[str, float]] = {}
+        self._dispatch_one: Callable[[bytearray, int], None] = self._dispatch
+        self._write: Callable[[Sequence[bytes | memoryview]], None] = self._write_reply
+        self.log_requests(log.isEnabledFor(logging.DEBUG))
+
+    def log_requests(self, on: bool) -> None:
+        """Log every request and its answer at DEBUG (--debug, the log_level action)."""
+        self._dispatch_one = self._dispatch_logged if on else self._dispatch
+        self._write = self._write_logged if on else self._write_reply
+        if not on:
+            self._pending.clear()
         self._handlers: dict[int, Callable[[Request, int, bytes], Awaitable[None]]] = {
             abi.LOOKUP: self._op_lookup, abi.GETATTR: self._op_getattr,
             abi.SETATTR: self._op_setattr, abi.READLINK: self._op_readlink,
@@ -290,7 +304,7 @@ class Session:
             if n is None:
                 return
             try:
-                self._dispatch(buf, n)
+                self._dispatch_one(buf, n)
             except Exception:  # a bug in the loop itself: log, keep serving
                 log.exception("internal error dispatching a request")
             since_checkpoint += 1
@@ -357,6 +371,18 @@ class Session:
         self._inflight += 1
         self._nursery.start_soon(self._run, handler, req, nodeid, args, name=name)
 
+    def _dispatch_logged(self, buf: bytearray, n: int) -> None:
+        """_dispatch, and the request in the log (--debug); its answer follows at the reply."""
+        if n >= abi.IN_HEADER.size:
+            _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(buf)
+            what = (f"{abi.OPCODE_NAMES.get(opcode, str(opcode))} unique={unique} "
+                    f"nodeid={nodeid} uid={uid} gid={gid} pid={pid}")
+            if opcode in _NO_REPLY:
+                log.debug("%s: no reply", what)
+            else:
+                self._pending[unique] = (what, time.monotonic())
+        self._dispatch(buf, n)
+
     def _batch_forget(self, buf: bytearray, n: int) -> None:
         start = abi.IN_HEADER.size
         if n < start + abi.BATCH_FORGET_IN.size:
@@ -388,7 +414,17 @@ class Session:
                 self._slot_free.set()
 
     # --------------------------------------------------------------- replies
-    def _write(self, parts: Sequence[bytes | memoryview]) -> None:
+    def _write_logged(self, parts: Sequence[bytes | memoryview]) -> None:
+        """_write_reply, and the answer in the log with its request (--debug)."""
+        length, error, unique = abi.OUT_HEADER.unpack_from(parts[0])
+        what, started = self._pending.pop(unique, (f"unique={unique}", 0.0))
+        answer = (f"{errno.errorcode.get(-error, str(-error))}" if error
+                  else f"OK, {length - abi.OUT_HEADER.size} bytes")
+        log.debug("%s -> %s (%.3f ms)", what, answer,
+                  (time.monotonic() - started) * 1e3 if started else 0.0)
+        self._write_reply(parts)
+
+    def _write_reply(self, parts: Sequence[bytes | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as exc:
@@ -500,12 +536,14 @@ class Session:
             size=size if valid & abi.FATTR_SIZE else None,
             fh=fh if valid & abi.FATTR_FH else None,
             kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID))
+        # *_NOW: the caller asked for the current time (UTIME_NOW); the time fields
+        # then carry nothing, and the store sets its own clock's time.
         if valid & abi.FATTR_ATIME_NOW:
-            changes.atime_ns = UTIME_NOW
+            changes.atime_now = True
         elif valid & abi.FATTR_ATIME:
             changes.atime_ns = atime * 1_000_000_000 + atimensec
         if valid & abi.FATTR_MTIME_NOW:
-            changes.mtime_ns = UTIME_NOW
+            changes.mtime_now = True
         elif valid & abi.FATTR_MTIME:
             changes.mtime_ns = mtime * 1_000_000_000 + mtimensec
         self._reply_attr(req.unique, await self.ops.setattr(nodeid, changes, req))
