@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -144,6 +145,13 @@ def test_delete_and_import_take_effect_on_a_live_mount(store: Path, mnt: Path, t
     tool("import", store, "base.qcow2", exported, "--host", "shipped")
     layer = layer_stats(mnt, "base.qcow2")
     assert layer["trace"]["status"] == "ready" and layer["trace"]["boots"] == 1
+    assert layer["prefetch"] is None  # a new prediction: the next boot prefetches it
+    os.setxattr(mnt, "user.scachefs.command",
+                json.dumps({"action": "drop", "path": "base.qcow2"}).encode())
+    replay(mnt / "vm1.qcow2", boot_script())
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["prefetch"]["reason"] == "first boot"
+    assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
 
     # A change nobody announces (another host, an operator's rm) is noticed within seconds.
     for path in traces.glob("*.trace"):
