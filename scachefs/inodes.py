@@ -140,6 +140,14 @@ class InodeTable:
         """The entry of a store object, if the kernel knows it."""
         return self._by_key.get((st.st_dev, st.st_ino))
 
+    def child(self, parent: int, name: bytes) -> Inode | None:
+        """The entry the kernel knows as ``name`` in directory ``parent`` (a scan: for
+        rare paths only)."""
+        for inode in self._by_ino.values():
+            if inode.parent == parent and inode.name == name:
+                return inode
+        return None
+
     def by_key(self, key: tuple[int, int]) -> Inode | None:
         """The entry of the store object ``(st_dev, st_ino)``, if the kernel knows it."""
         return self._by_key.get(key)

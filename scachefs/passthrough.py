@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from scachefs import creds, locks, syscalls
+from scachefs import creds, locks, resend, syscalls
 from scachefs.fuse import abi
 from scachefs.fuse.ops import (
     Attr,
@@ -103,6 +103,15 @@ class OpenDir:
     fd: int
     inode: Inode
     names: list[tuple[bytes, int, int]] | None = None  # (name, d_ino, file type bits)
+
+
+def _empty_dir(dir_fd: int, name: bytes) -> bool:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        return not os.listdir(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_path(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
@@ -356,8 +365,12 @@ class Passthrough(Operations):
         return self._entry(inode.ino, st)
 
     async def _make(self, parent_ino: int, name: bytes, req: Request,
-                    make: Callable[[int, bytes], None]) -> Entry:
-        """Create a node with ``make(dir_fd, name)`` as the caller, register it."""
+                    make: Callable[[int, bytes], None],
+                    made: Callable[[int, bytes, os.stat_result], bool]) -> Entry:
+        """Create a node with ``make(dir_fd, name)`` as the caller, register it.
+
+        ``made(dir_fd, name, st)``: whether the object found under the name is what
+        this request makes (a resent request the dead daemon did: resend.py)."""
         parent = self._dir(parent_ino, name)
         self._check_fd_budget()
 
@@ -366,8 +379,17 @@ class Passthrough(Operations):
         def work() -> tuple[int, os.stat_result]:
             # As the caller: the store decides owner, group, setgid, default ACL and
             # umask, and checks the directory, exactly as for a local mkdir or mknod.
-            with creds.acting_as(caller, req.umask):
-                make(parent.fd, name)
+            try:
+                with creds.acting_as(caller, req.umask):
+                    make(parent.fd, name)
+            except FileExistsError:
+                if not req.resent:
+                    raise
+                fd, st = _open_path(parent.fd, name)
+                if not made(parent.fd, name, st):
+                    os.close(fd)
+                    raise
+                return fd, st
             return _open_path(parent.fd, name)
 
         fd, st = await self.workers.run(work)
@@ -544,36 +566,69 @@ class Passthrough(Operations):
     # ------------------------------------------------------------ namespace ops
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     req: Request) -> Entry:
-        return await self._make(parent, name, req, lambda d, n: os.mknod(n, mode, rdev, dir_fd=d))
+        def made(d: int, n: bytes, st: os.stat_result) -> bool:
+            return (resend.made_by_caller(st, req.uid, stat.S_IFMT(mode))
+                    and ((not stat.S_ISCHR(mode) and not stat.S_ISBLK(mode))
+                         or st.st_rdev == rdev))
+
+        return await self._make(parent, name, req,
+                                lambda d, n: os.mknod(n, mode, rdev, dir_fd=d), made)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, req: Request) -> Entry:
-        return await self._make(parent, name, req, lambda d, n: os.mkdir(n, mode, dir_fd=d))
+        def made(d: int, n: bytes, st: os.stat_result) -> bool:
+            return resend.made_by_caller(st, req.uid, stat.S_IFDIR) and _empty_dir(d, n)
+
+        return await self._make(parent, name, req,
+                                lambda d, n: os.mkdir(n, mode, dir_fd=d), made)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, req: Request) -> Entry:
+        def made(d: int, n: bytes, st: os.stat_result) -> bool:
+            return (resend.made_by_caller(st, req.uid, stat.S_IFLNK)
+                    and os.readlink(n, dir_fd=d) == target)
+
         return await self._make(parent, name, req,
-                                lambda d, n: os.symlink(target, n, dir_fd=d))
+                                lambda d, n: os.symlink(target, n, dir_fd=d), made)
 
     async def unlink(self, parent: int, name: bytes, req: Request) -> None:
         node = self._dir(parent, name)
 
-        def work() -> os.stat_result:
-            st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
-            os.unlink(name, dir_fd=node.fd)
+        def work() -> os.stat_result | None:
+            try:
+                st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+                os.unlink(name, dir_fd=node.fd)
+            except FileNotFoundError:
+                if req.resent:
+                    return None  # the dead daemon removed it (resend.py)
+                raise
             return st
 
-        self.unlinked(await self.workers.run(work))
+        st = await self.workers.run(work)
+        if st is not None:
+            self.unlinked(st)
 
     def unlinked(self, st: os.stat_result) -> None:
         """Hook: a name of the object ``st`` (stat before the unlink) was removed."""
 
     async def rmdir(self, parent: int, name: bytes, req: Request) -> None:
         node = self._dir(parent, name)
-        await self.workers.run(lambda: os.rmdir(name, dir_fd=node.fd))
+
+        def work() -> None:
+            try:
+                os.rmdir(name, dir_fd=node.fd)
+            except FileNotFoundError:
+                if not req.resent:  # else the dead daemon removed it (resend.py)
+                    raise
+
+        await self.workers.run(work)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int, req: Request) -> None:
         old = self._dir(parent, name)
         new = self._dir(new_parent, new_name)
+        # Resent: the object the kernel knew under the old name, or (when the dead daemon
+        # had also recorded the move) the one our table already has under the new name.
+        source = ((self.table.child(old.ino, name) or self.table.child(new.ino, new_name))
+                  if req.resent else None)
 
         def work() -> tuple[list[tuple[os.stat_result, Inode, bytes]], os.stat_result | None]:
             replaced = None
@@ -582,7 +637,16 @@ class Passthrough(Operations):
                     replaced = os.stat(new_name, dir_fd=new.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     pass
-            syscalls.renameat2(old.fd, name, new.fd, new_name, flags)
+            try:
+                syscalls.renameat2(old.fd, name, new.fd, new_name, flags)
+            except FileNotFoundError:
+                # Resent: done if the object the kernel knew under the old name is now
+                # under the new one (resend.py).
+                st = os.stat(new_name, dir_fd=new.fd, follow_symlinks=False)
+                if not (req.resent and source is not None
+                        and (st.st_dev, st.st_ino) == source.key):
+                    raise
+                replaced = None
             moved = [(new, new_name)]
             if flags & syscalls.RENAME_EXCHANGE:
                 moved.append((old, name))
@@ -605,7 +669,12 @@ class Passthrough(Operations):
         parent = self._dir(new_parent, new_name)
 
         def work() -> os.stat_result:
-            os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            try:
+                os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            except FileExistsError:
+                st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
+                if not req.resent or (st.st_dev, st.st_ino) != node.key:
+                    raise  # else the dead daemon made this link (resend.py)
             return os.fstat(node.fd)
 
         st = await self.workers.run(work)
@@ -646,7 +715,18 @@ class Passthrough(Operations):
 
         def work() -> tuple[int, int, os.stat_result]:
             with creds.acting_as(caller, req.umask):
-                fd = os.open(name, oflags, mode, dir_fd=node.fd)
+                try:
+                    fd = os.open(name, oflags, mode, dir_fd=node.fd)
+                except FileExistsError:
+                    # Resent: the dead daemon created it if the caller's empty file made
+                    # just now is there (resend.py); open that one.
+                    if not req.resent:
+                        raise
+                    st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+                    if not (resend.made_by_caller(st, req.uid, stat.S_IFREG)
+                            and st.st_size == 0):
+                        raise
+                    fd = os.open(name, oflags & ~(os.O_CREAT | os.O_EXCL), dir_fd=node.fd)
             try:
                 path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
                 return fd, path_fd, os.fstat(path_fd)

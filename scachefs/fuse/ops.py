@@ -43,6 +43,11 @@ class Request:
     groups: tuple[int, ...] = ()
     acl_kill_sgid: bool = False  # setxattr of an ACL by a caller outside the file's group
 
+    @property
+    def resent(self) -> bool:
+        """Resent after a takeover: the dead daemon may have done it (see resend.py)."""
+        return bool(self.unique >> 63)
+
 
 @dataclasses.dataclass(slots=True)
 class Entry:
