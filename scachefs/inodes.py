@@ -41,6 +41,9 @@ class Inode:
     name: bytes = b""
     # Until when (monotonic) the object is known to have no security.capability xattr.
     no_caps_until: float = 0.0
+    # Until when (monotonic) it is known to have no POSIX access ACL (FUSE_POSIX_ACL: the
+    # kernel asks at permission checks, again after each revalidation).
+    no_acl_until: float = 0.0
     # The layer identity the kernel's page cache of this inode holds, if known: an open
     # may let the kernel keep its pages (keep_cache) only when they are of this identity.
     page_identity: tuple[int, int, int, int] | None = None

@@ -960,7 +960,7 @@ class Passthrough(Operations):
     async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
                        req: Request) -> None:
         node = self._inode(nodeid)
-        node.no_caps_until = 0.0
+        node.no_caps_until = node.no_acl_until = 0.0
         await self.workers.run(self._xattr_change, node, name, req,
                                lambda: os.setxattr(node.proc_path, name, value, flags))
 
@@ -991,10 +991,15 @@ class Passthrough(Operations):
 
     def getxattr_now(self, nodeid: int, name: bytes) -> bytes | int | None:
         # The kernel asks for security.capability before writes (to drop file
-        # capabilities); a recent "none" is answered on the read loop.
+        # capabilities) and for the access ACL at permission checks (FUSE_POSIX_ACL);
+        # a recent "none" is answered on the read loop.
         if name == _CAPS_XATTR:
             node = self.table.get(nodeid)
             if node is not None and node.no_caps_until > time.monotonic():
+                return errno.ENODATA
+        elif name == _ACL_XATTRS[0]:
+            node = self.table.get(nodeid)
+            if node is not None and node.no_acl_until > time.monotonic():
                 return errno.ENODATA
         return None
 
@@ -1005,7 +1010,9 @@ class Passthrough(Operations):
         except OSError as exc:
             if name == _CAPS_XATTR and exc.errno == errno.ENODATA:
                 node.no_caps_until = time.monotonic() + self.options.attr_timeout
-            if name in _ACL_XATTRS and exc.errno == errno.EOPNOTSUPP:
+            if name in _ACL_XATTRS and exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                if name == _ACL_XATTRS[0]:
+                    node.no_acl_until = time.monotonic() + self.options.attr_timeout
                 # A store without ACLs: "no ACL", or the kernel (FUSE_POSIX_ACL) would
                 # fail every permission check on the mode bits with EOPNOTSUPP.
                 raise FuseError(errno.ENODATA) from None
@@ -1026,7 +1033,7 @@ class Passthrough(Operations):
 
     async def removexattr(self, nodeid: int, name: bytes, req: Request) -> None:
         node = self._inode(nodeid)
-        node.no_caps_until = 0.0
+        node.no_caps_until = node.no_acl_until = 0.0
         await self.workers.run(self._xattr_change, node, name, req,
                                lambda: os.removexattr(node.proc_path, name))
 

@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -572,3 +573,20 @@ def test_a_thread_that_cannot_restore_its_credentials_ends_the_process() -> None
     assert proc.returncode == -6, (proc.returncode, proc.stdout, proc.stderr)  # SIGABRT
     assert b"survived" not in proc.stdout
     assert b"cannot restore the daemon's credentials" in proc.stderr
+
+
+def test_an_acl_set_on_the_store_applies_within_the_timeouts(
+        store: Path, mnt: Path, mount_factory: MountFactory,
+        people: dict[str, pwd.struct_passwd]) -> None:
+    """The kernel caches "no ACL" (and the daemon answers it from memory) for at most
+    attr_timeout, ACLs until it looks the name up again: an ACL that takes a right away,
+    set directly on the store, applies within the timeouts, as a mode change does."""
+    mount_factory(store, mnt, "allow_other", "attr_timeout=1", "entry_timeout=1")
+    target = store / "shared"
+    target.write_bytes(b"data")
+    target.chmod(0o666)
+    assert as_user(USER2, 0o022, [["read", str(mnt / "shared")]])[0][0] == "OK"
+    run("setfacl", "-m", f"u:{USER2}:---", target)
+    time.sleep(2.5)
+    assert as_user(USER2, 0o022, [["read", str(mnt / "shared")]])[0][0] == "EACCES"
+    assert as_user(USER, 0o022, [["read", str(mnt / "shared")]])[0][0] == "OK"
