@@ -309,10 +309,14 @@ class Boots:
             log.info("boot traces of %s changed in the trace directory: %s -> %s (%d boots, "
                      "%d chunks)", layer.path, status, layer.trace_status,
                      ws.boots if ws else 0, len(ws.chunks) if ws else 0)
-            if layer.handles and not (layer.progress and layer.progress.running):
+            if layer.progress and layer.progress.running:
+                return  # prefetching the old set: what it pins is let go at its end
+            if layer.handles:
                 self.cache.unpin_all(layer.buffer)  # pin the boot set as it is now
                 if ws is not None:
                     self.cache.pin(layer.buffer, ws.chunks)
+            elif ws is not None:
+                layer.progress = None  # a new prediction: the next boot prefetches it
 
     def _finish(self, layer: Layer) -> None:
         session = layer.session

@@ -55,7 +55,7 @@ class Descriptors:
 def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, cause: str,
           ready: Callable[[], None]) -> int:
     """Serve until unmounted (0) or asked to hand over (EXIT_HANDOVER)."""
-    os.umask(0)  # modes from callers arrive with their umask already applied
+    os.umask(0)  # the daemon's own files; callers' creates apply their umask per thread (creds)
     ops = ScacheFS(fds.root, opts, source, mountpoint, arena_fd=fds.arena)
     session = Session(fds.fuse, ops, max_tasks=opts.max_tasks)
     ops.session = session

@@ -397,14 +397,16 @@ class ScacheFS(Passthrough):
         self._changing(self.files[fh])
         return await super().write(fh, offset, data, kill_suidgid)
 
-    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int,
+                        req: Request) -> None:
         self._changing(self.files[fh])
-        await super().fallocate(fh, offset, length, mode)
+        await super().fallocate(fh, offset, length, mode, req)
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
-                              length: int, flags: int) -> int:
+                              length: int, flags: int, req: Request) -> int:
         self._changing(self.files[fh_out])
-        return await super().copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
+        return await super().copy_file_range(fh_in, off_in, fh_out, off_out, length, flags,
+                                             req)
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)

@@ -8,8 +8,9 @@ all along. Meanwhile the daemon dies: at random moments (SIGKILL from outside) a
 chosen points inside it (``scachefs.crashpoints``: right before and after a state journal
 write, in the middle of a compaction). At the end the tree through the mount and on the
 store must both be the model. Every client error is counted by errno; the only ones
-allowed are a resent non-idempotent request that the dead daemon had already done
-(EEXIST / ENOENT, operations.md), and only when the store shows it was done.
+expected are the model's own (EEXIST for a name that exists, ...): a resent
+non-idempotent request that the dead daemon had already done must be answered as done
+(scachefs/resend.py), never EEXIST or ENOENT.
 
 ``make soak`` runs it longer (SCACHEFS_SOAK_SECONDS).
 """
@@ -341,6 +342,9 @@ def test_random_operations_through_kills_at_random_moments_and_chosen_points(
           f"{dict(client.errors)}, resent requests answered as already done: "
           f"{dict(client.resent)}")
     assert client.problems == [], client.problems[:20]
+    # A resent request the dead daemon had done is answered as done (resend.py): the
+    # client never sees the EEXIST or ENOENT of doing it twice.
+    assert client.resent == {}, client.resent
     want = model_tree(client.model)
     assert tree(store) == want
     assert tree(mnt) == want

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scachefs import traces as trace_format
 from tests.conftest import MountFactory
 from tests.mounting import run, settle
 from tests.test_boot_traces import (
@@ -144,6 +146,13 @@ def test_delete_and_import_take_effect_on_a_live_mount(store: Path, mnt: Path, t
     tool("import", store, "base.qcow2", exported, "--host", "shipped")
     layer = layer_stats(mnt, "base.qcow2")
     assert layer["trace"]["status"] == "ready" and layer["trace"]["boots"] == 1
+    assert layer["prefetch"] is None  # a new prediction: the next boot prefetches it
+    os.setxattr(mnt, "user.scachefs.command",
+                json.dumps({"action": "drop", "path": "base.qcow2"}).encode())
+    replay(mnt / "vm1.qcow2", boot_script())
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["prefetch"]["reason"] == "first boot"
+    assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
 
     # A change nobody announces (another host, an operator's rm) is noticed within seconds.
     for path in traces.glob("*.trace"):
@@ -245,3 +254,36 @@ def test_show_predicts_the_reads_the_prefetch_makes(store: Path, mnt: Path,
     mount_factory(store, mnt, "allow_other", "prefetch=mount")
     layer = wait_for(mnt, "base.qcow2", prefetched)
     assert layer["prefetch"]["requests"] == int(match.group(1))
+
+
+def test_a_host_that_changes_chunk_size_converts_its_own_boots(
+        store: Path, mnt: Path, mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    record_one_boot(store, mnt, mount_factory, "host_id=h")
+    (path,) = (store / ".scache" / "traces").glob("*.trace")
+    before = trace_format.decode(path.read_bytes())
+    assert before.chunk_size == 16 << 10
+    # The same host, now at 64K, records every boot: its file is rewritten at 64K,
+    # its earlier boot converted (same chunks as byte ranges, digests taken afresh).
+    mount = mount_factory(store, mnt, "allow_other", "host_id=h", "chunk_size=64K",
+                          "record=on")
+    overlay(store, "vm2.qcow2", "base.qcow2")
+    replay(mnt / "vm2.qcow2", boot_script(seed=8))
+    wait_for(mnt, "base.qcow2", lambda la: la["trace"].get("boots") == 2
+             and not la["trace"]["recording"])
+    mount.unmount()
+    (path,) = (store / ".scache" / "traces").glob("*.trace")
+    after = trace_format.decode(path.read_bytes())
+    assert after.chunk_size == 64 << 10 and len(after.boots) == 2
+    old = before.boots[0]
+    converted = after.boots[0]
+    assert (converted.started, converted.requests) == (old.started, old.requests)
+    size = before.layer.size
+    assert [(c, ms) for c, ms, _ in converted.chunks] == trace_format.regrid(
+        old, 16 << 10, 64 << 10, size)
+    # Its digests are the 64K chunks' own: a mount at 64K prefetches it, none stale.
+    mount_factory(store, mnt, "allow_other", "host_id=h", "chunk_size=64K")
+    replay(mnt / "vm2.qcow2", boot_script())
+    layer = wait_for(mnt, "base.qcow2", prefetched)
+    assert layer["trace"]["status"] == "ready" and layer["prefetch"]["stale_chunks"] == 0
+    assert layer["prefetch"]["useful_chunks"] > 0

@@ -38,6 +38,15 @@ class Request:
     pid: int
     unique: int = 0
     umask: int = 0  # for create, mknod and mkdir
+    # Supplementary groups the kernel vouches for (FUSE_CREATE_SUPP_GROUP: on create,
+    # mkdir, mknod and symlink, the parent directory's group if the caller is in it).
+    groups: tuple[int, ...] = ()
+    acl_kill_sgid: bool = False  # setxattr of an ACL by a caller outside the file's group
+
+    @property
+    def resent(self) -> bool:
+        """Resent after a takeover: the dead daemon may have done it (see resend.py)."""
+        return bool(self.unique >> 63)
 
 
 @dataclasses.dataclass(slots=True)
@@ -201,14 +210,15 @@ class Operations:
     async def fsync(self, fh: int, datasync: bool) -> None:
         raise FuseError(errno.ENOSYS)
 
-    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int,
+                        req: Request) -> None:
         raise FuseError(errno.ENOSYS)
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         raise FuseError(errno.ENOSYS)
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
-                              length: int, flags: int) -> int:
+                              length: int, flags: int, req: Request) -> int:
         raise FuseError(errno.ENOSYS)
 
     # ------------------------------------------------------------- directories

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -80,6 +81,22 @@ def _cstring(data: bytes, start: int = 0) -> tuple[bytes, int]:
     if end < 0:
         raise _Malformed("a name without its NUL")
     return data[start:end], end + 1
+
+
+def _extension_groups(ext: bytes) -> tuple[int, ...]:
+    """The supplementary groups in a request's extensions (FUSE_EXT_GROUPS), if any."""
+    pos = 0
+    while pos + abi.EXT_HEADER.size <= len(ext):
+        size, kind = abi.EXT_HEADER.unpack_from(ext, pos)
+        if size < abi.EXT_HEADER.size or pos + size > len(ext):
+            break
+        if kind == abi.EXT_GROUPS and size >= abi.EXT_HEADER.size + 4:
+            (count,) = struct.unpack_from("<I", ext, pos + abi.EXT_HEADER.size)
+            start = pos + abi.EXT_HEADER.size + 4
+            count = min(count, (pos + size - start) // 4)
+            return struct.unpack_from(f"<{count}I", ext, start)
+        pos += size
+    return ()
 
 
 class _Malformed(Exception):
@@ -348,6 +365,8 @@ class Session:
                 self._reply_xattr(unique, quick, size)
                 return
         req = Request(uid, gid, pid, unique)
+        if extlen:
+            req.groups = _extension_groups(bytes(buf[n - extlen * 8:n]))
         assert self._nursery is not None
         self._inflight += 1
         self._nursery.start_soon(self._run, handler, req, nodeid, args, name=name)
@@ -682,10 +701,17 @@ class Session:
         self._reply(req.unique, b"")
 
     async def _op_setxattr(self, req: Request, nodeid: int, args: bytes) -> None:
-        head = abi.SETXATTR_IN.size
-        if len(args) < head:
-            raise _Malformed("short setxattr_in")
-        size, flags = abi.SETXATTR_IN.unpack_from(args)
+        if self.flags & abi.SETXATTR_EXT:
+            head = abi.SETXATTR_IN_EXT.size
+            if len(args) < head:
+                raise _Malformed("short setxattr_in")
+            size, flags, setxattr_flags, _ = abi.SETXATTR_IN_EXT.unpack_from(args)
+            req.acl_kill_sgid = bool(setxattr_flags & abi.SETXATTR_ACL_KILL_SGID)
+        else:
+            head = abi.SETXATTR_IN.size
+            if len(args) < head:
+                raise _Malformed("short setxattr_in")
+            size, flags = abi.SETXATTR_IN.unpack_from(args)
         name, rest = _cstring(args, head)
         value = args[rest:rest + size]
         if len(value) != size:
@@ -755,7 +781,7 @@ class Session:
         if len(args) < abi.FALLOCATE_IN.size:
             raise _Malformed("short fallocate_in")
         fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack_from(args)
-        await self.ops.fallocate(fh, offset, length, mode)
+        await self.ops.fallocate(fh, offset, length, mode, req)
         self._reply(req.unique, b"")
 
     async def _op_lseek(self, req: Request, nodeid: int, args: bytes) -> None:
@@ -771,7 +797,7 @@ class Session:
         fh_in, off_in, _, fh_out, off_out, length, flags = \
             abi.COPY_FILE_RANGE_IN.unpack_from(args)
         copied = await self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length,
-                                                flags)
+                                                flags, req)
         self._reply(req.unique, abi.WRITE_OUT.pack(copied, 0))
 
     # ------------------------------------------------------------------ stats
