@@ -465,22 +465,23 @@ def diff_trees(direct: dict[str, dict[str, object]], through: dict[str, dict[str
 # ---------------------------------------------------------------- allowed differences
 @dataclass
 class Allowed:
+    mount: str
     caller: str
     operation: str
     what: str
     reason: str
     used: int = 0
 
-    def matches(self, caller: str, operation: str, what: str) -> bool:
+    def matches(self, mount: str, caller: str, operation: str, what: str) -> bool:
         return all(any(fnmatch.fnmatchcase(value, pattern.strip().strip("`"))
                        for pattern in cell.split(","))
-                   for value, cell in ((caller, self.caller), (operation, self.operation),
-                                       (what, self.what)))
+                   for value, cell in ((mount, self.mount), (caller, self.caller),
+                                       (operation, self.operation), (what, self.what)))
 
 
 def allowed_differences() -> list[Allowed]:
-    """The table of docs/security.md's section SECTION: | caller | operation | what |
-    reason | with shell patterns in the first three columns (in backquotes; several,
+    """The table of docs/security.md's section SECTION: | mount | caller | operation |
+    what | reason | with shell patterns in the first three columns (in backquotes; several,
     separated by commas, match any of them)."""
     text = DOC.read_text()
     assert SECTION in text, f"{DOC} has no section {SECTION!r}"
@@ -490,11 +491,11 @@ def allowed_differences() -> list[Allowed]:
         if not line.startswith("|") or set(line) <= set("|-: "):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0].lower() == "caller":
+        if cells[0].lower() == "mount":
             continue
-        assert len(cells) == 4 and cells[3], f"a row of {SECTION} needs 4 cells: {line}"
-        caller, operation, what = cells[:3]
-        rows.append(Allowed(caller, operation, what, reason=cells[3]))
+        assert len(cells) == 5 and cells[4], f"a row of {SECTION} needs 5 cells: {line}"
+        mount, caller, operation, what = cells[:4]
+        rows.append(Allowed(mount, caller, operation, what, reason=cells[4]))
     return rows
 
 
@@ -529,9 +530,11 @@ def batch(caller: Caller, items: list[list[str]]) -> tuple[list[dict[str, object
     return results[1:], (start, end)
 
 
+@pytest.mark.parametrize("option", ["passthrough=auto", "passthrough=off"])
 def test_store_and_mount_agree(public_dir: Path, mount_factory: MountFactory,
-                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Every caller times every operation, on the store and through the mount."""
+                               capsys: pytest.CaptureFixture[str], option: str) -> None:
+    """Every caller times every operation, on the store and through the mount (with
+    passthrough, and with the daemon doing all I/O itself)."""
     require_tool("setfacl")
     ids = _ensure_people()
     callers = _callers(ids)
@@ -550,7 +553,7 @@ def test_store_and_mount_agree(public_dir: Path, mount_factory: MountFactory,
         build_tree(top / "untouched", ids)
     time.sleep(2 * SLACK / NS)  # so that what the set-up did is not "now"
     started = time.time_ns()
-    mount = mount_factory(store, mnt, "allow_other")
+    mount = mount_factory(store, mnt, "allow_other", option)
     deadline = time.monotonic() + 60
     while "scanned the store" not in mount.log():  # the daemon's own pass over the store
         assert time.monotonic() < deadline, mount.log()
@@ -601,7 +604,7 @@ def test_store_and_mount_agree(public_dir: Path, mount_factory: MountFactory,
                                       f"the mount shows {value!r}, the store holds {want!r}"))
     _phase("compared")
     with capsys.disabled():
-        print(f"\ndifferential: {cases} cases compared ({len(callers)} callers x "
+        print(f"\ndifferential ({option}): {cases} cases compared ({len(callers)} callers x "
               f"{len(operations)} operations), {len(found)} differences; outcomes "
               f"{sorted(map(str, outcomes))}")
     if os.environ.get("SCACHEFS_DIFF_DUMP"):  # for whoever updates the table
@@ -610,14 +613,17 @@ def test_store_and_mount_agree(public_dir: Path, mount_factory: MountFactory,
     allowed = allowed_differences()
     unexplained = []
     for caller_name, op, what, detail in found:
-        rows = [a for a in allowed if a.matches(caller_name, op, what)]
+        rows = [a for a in allowed if a.matches(option, caller_name, op, what)]
         for a in rows:
             a.used += 1
         if not rows:
             unexplained.append(f"{caller_name} {op} {what}: {detail}")
-    stale = [f"| {a.caller} | {a.operation} | {a.what} |" for a in allowed if not a.used]
+    stale = [f"| {a.mount} | {a.caller} | {a.operation} | {a.what} |" for a in allowed
+             if not a.used and any(fnmatch.fnmatchcase(option, m.strip().strip("`"))
+                     for m in a.mount.split(","))]
     assert not unexplained, (f"{len(unexplained)} differences between the store and the "
-                             "mount that docs/security.md does not list:\n"
+                             f"mount ({option}) "
+                             "that docs/security.md does not list:\n"
                              + "\n".join(unexplained))
     assert not stale, ("rows of docs/security.md's allowed differences that no longer "
                        "differ:\n" + "\n".join(stale))
