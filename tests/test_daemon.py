@@ -112,3 +112,32 @@ def test_debug_logs_every_request(store: Path, mnt: Path,
     os.setxattr(quiet_mnt, "user.scachefs.command", b'{"action": "log_level", "level": "info"}')
     (quiet_mnt / "third").write_bytes(b"x")
     assert quiet.log().count("CREATE unique=") == 1
+
+
+def test_a_background_mount_is_silent_and_a_failed_one_says_why(store: Path,
+                                                                mnt: Path) -> None:
+    """Scripts, fstab and test harnesses treat output on stderr as failure: a mount that
+    works prints nothing (its log lines go where the detached daemon logs); one that
+    fails after the fork still shows its warnings and the reason."""
+    helper = Path(__file__).parent.parent / "mount-helpers" / "mount.fuse.scachefs"
+    env = {**os.environ, "SCACHEFS": str(Path(sys.executable).parent / "scachefs")}
+    commands = [[*SCACHEFS, str(store), str(mnt)],
+                [*SCACHEFS, str(store), str(mnt), "-o", "restart=off"],
+                [*SCACHEFS, str(store), str(mnt), "--debug"],
+                ["sh", str(helper), str(store), str(mnt), "-o", "allow_other"]]
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, env=env,
+                                timeout=60, check=False)
+        try:
+            assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), command
+            assert mount_type(mnt) == (str(store), "fuse.scachefs")
+            os.listdir(mnt)
+        finally:
+            run("fusermount3", "-u", mnt, check=False)
+        wait_gone(mnt)
+    # Out of descriptors in the forked process, before the mount is live.
+    result = run("prlimit", "--nofile=10:10", *SCACHEFS, store, mnt, check=False)
+    assert result.returncode == 1, result
+    assert "failed: Too many open files" in result.stderr, result.stderr
+    assert "WARNING scachefs: the open-file limit is 10" in result.stderr, result.stderr
+    assert mount_type(mnt) is None
