@@ -11,12 +11,16 @@ APT_PACKAGES := fuse3 gcc python3-dev python3-venv \
 	attr systemd man-db groff-base debootstrap busybox-static debian-archive-keyring \
 	iproute2 sshfs openssh-server openssh-client glusterfs-server glusterfs-client \
 	libvirt-daemon-system libvirt-clients
-# Where setup puts the commands and the mount(8) helper (as root).
+# Where `make helpers` (part of setup) links this checkout's commands, as root.
 BINDIR := /usr/local/bin
 SBINDIR := /sbin
 MANDIR := /usr/local/share/man
+# Where `make install` (production, see docs/install.md) puts scachefs.
+INSTALL_VENV := /opt/scachefs
+UNITDIR := /usr/local/lib/systemd/system
+DOCDIR := /usr/local/share/doc/scachefs
 
-.PHONY: all setup apt venv helpers demo test test-quick soak lint clean
+.PHONY: all setup apt venv helpers install uninstall demo test test-quick soak lint clean
 
 all: test
 
@@ -46,18 +50,42 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The commands on PATH and mount.fuse.scachefs for mount(8), fstab and systemd.
+# The commands on PATH and mount.fuse.scachefs for mount(8), fstab and systemd, as
+# links to this checkout (a developer's machine). Commands another installation put
+# there (`make install`, another checkout) are left alone unless FORCE_HELPERS=1.
 helpers: venv
-	@if [ "$$(id -u)" = 0 ]; then \
+	@here="$(CURDIR)/$(VENV)/bin/scachefs"; have=$$(readlink "$(BINDIR)/scachefs" || true); \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "not root: skipping $(BINDIR)/scachefs and $(SBINDIR)/mount.fuse.scachefs"; \
+	elif [ -e "$(BINDIR)/scachefs" ] && [ "$$have" != "$$here" ] && [ -z "$(FORCE_HELPERS)" ]; then \
+	  echo "$(BINDIR)/scachefs is $${have:-a file} (another installation): left alone, with"; \
+	  echo "  $(SBINDIR)/mount.fuse.scachefs and the man pages (make helpers FORCE_HELPERS=1"; \
+	  echo "  points them at this checkout); this checkout's commands: $(VENV)/bin/"; \
+	else \
+	  [ "$$have" = "$$here" ] || echo "linking $(BINDIR)/scachefs* and $(SBINDIR)/mount.fuse.scachefs" \
+	    "to this checkout ($(CURDIR)); for production use make install"; \
 	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs" $(BINDIR)/scachefs; \
 	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs-stat" $(BINDIR)/scachefs-stat; \
 	  ln -sfn "$(CURDIR)/$(VENV)/bin/scachefs-trace" $(BINDIR)/scachefs-trace; \
 	  sed 's|@SCACHEFS@|$(BINDIR)/scachefs|' mount-helpers/mount.fuse.scachefs \
 	    > $(SBINDIR)/mount.fuse.scachefs.tmp && chmod 755 $(SBINDIR)/mount.fuse.scachefs.tmp && \
 	  mv $(SBINDIR)/mount.fuse.scachefs.tmp $(SBINDIR)/mount.fuse.scachefs; \
-	  install -D -m 644 docs/man/scachefs.8 $(MANDIR)/man8/scachefs.8; \
-	  install -D -m 644 docs/man/scachefs-stat.8 $(MANDIR)/man8/scachefs-stat.8; \
-	else echo "not root: skipping $(BINDIR)/scachefs and $(SBINDIR)/mount.fuse.scachefs"; fi
+	  for page in scachefs.8 scachefs-stat.8 scachefs-trace.8; do \
+	    install -D -m 644 docs/man/$$page $(MANDIR)/man8/$$page; done; \
+	fi
+
+# Production: a wheel of this checkout installed into its own venv ($(INSTALL_VENV)),
+# commands linked into $(BINDIR), the mount(8) helper in $(SBINDIR), the service
+# template in $(UNITDIR), man pages in $(MANDIR); nothing refers to the checkout
+# afterwards. Idempotent; `make uninstall` removes it. See scripts/install.
+INSTALL_ENV = INSTALL_VENV="$(INSTALL_VENV)" BINDIR="$(BINDIR)" SBINDIR="$(SBINDIR)" \
+	UNITDIR="$(UNITDIR)" MANDIR="$(MANDIR)" DOCDIR="$(DOCDIR)" PYTHON="$(PYTHON)"
+
+install:
+	$(INSTALL_ENV) scripts/install install
+
+uninstall:
+	$(INSTALL_ENV) scripts/install uninstall
 
 demo: setup
 	$(PY) -m scachefs.demo
@@ -71,7 +99,7 @@ test-quick: setup
 # The stress test for longer (10 minutes by default; SOAK_SECONDS=... to change).
 SOAK_SECONDS ?= 600
 soak: setup
-	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v tests/test_stress.py
+	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v -s tests/test_stress.py tests/test_crash_model.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

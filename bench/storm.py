@@ -17,8 +17,10 @@ with cgroup v1 blkio (`nas`: 50 MiB/s and 200 IOPS; `ssd`: unthrottled) for
 whichever processes read it: the replayers in the direct modes, the scachefs
 daemon in ours. Page caches are dropped and the daemon restarted before every run.
 
-Writes a table to stdout, JSON to --json (default bench/results/storm.json) and a
-plot to --plot (default docs/storm.png).
+Writes a table to stdout, JSON to --json (default bench/results/storm.json, the
+committed results; with --smoke a new temporary directory, so that a smoke run
+never replaces them) and a plot to --plot (default docs/storm.png; not with --smoke).
+The bench/storm wrapper runs `make setup` first (Debian packages, .venv).
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ MODES = ("direct-none", "direct-pagecache", "direct-pagecache-warm", "scachefs-c
 CGROUP = Path(f"/sys/fs/cgroup/blkio/scachefs-storm-{os.getpid()}")
 LEGACY_CGROUP = Path("/sys/fs/cgroup/blkio/scachefs-storm")  # left by earlier versions
 DEFAULT_JSON = REPO / "bench" / "results" / "storm.json"
+DEFAULT_MULTIHOST_JSON = REPO / "bench" / "results" / "storm-multihost.json"
+
+
+def json_path(given: Path | None, smoke: bool, hosts: int) -> Path:
+    """Where the results go: --json, else the committed results file of the mode, except
+    for a smoke run (a check of the harness, not a measurement): a new temporary
+    directory then, never bench/results."""
+    if given is not None:
+        return given
+    if smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="scachefs-storm-smoke-"))
+        return tmp / ("storm-multihost.json" if hosts else "storm.json")
+    return DEFAULT_MULTIHOST_JSON if hosts else DEFAULT_JSON
 TRACE_LINE = re.compile(r"@(\d+\.\d+):blk_co_p(read|write)v blk \S+ bs \S+ offset (\d+) "
                         r"bytes (\d+)")
 
@@ -139,6 +154,8 @@ def smoke_workload(tmp: Path) -> tuple[Workload, Path]:
     base = tmp / "smoke-base.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M")
     sh("qemu-io", "-c", "write -P 0x5a 0 32M", str(base))
+    old = time.time() - 3600  # written long before the storm, as real bases are: scachefs
+    os.utime(base, (old, old))  # caches nothing under an identity younger than 2 s
     rng = random.Random(1)
     requests = []
     for i in range(200):
@@ -859,9 +876,13 @@ def main() -> int:
                         help="VMs per host in the scale-out mode (default 4)")
     parser.add_argument("--chunk-size", default="16K",
                         help="scachefs chunk_size option (default: scachefs's default)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default: bench/results/storm.json, "
+                        "or storm-multihost.json with --hosts; with --smoke a temporary "
+                        "directory)")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "storm.png")
     args = parser.parse_args()
+    args.json = json_path(args.json, args.smoke, args.hosts)
     if os.geteuid() != 0:
         sys.exit("bench/storm needs root (loop devices, cgroups, FUSE)")
     # Clean up (mounts, loop device) when stopped with SIGTERM too, not only Ctrl-C.
@@ -882,7 +903,7 @@ def main() -> int:
         workload, base = smoke_workload(work) if args.smoke else real_workload()
         store_size = base.stat().st_size + 4 * max(sizes) * 16 * MiB + 1024 * MiB
         with loop_store(work, store_size) as store:
-            shutil.copyfile(base, store.root / "base.qcow2")
+            shutil.copy2(base, store.root / "base.qcow2")  # its old mtime: a settled identity
             bench = Bench(store, work, workload, args.profile, log, args.chunk_size)
             print(f"workload: {workload.source}: {len(workload.requests)} requests; store "
                   f"{store.loop} ({args.profile}); log {log}", flush=True)
@@ -902,8 +923,7 @@ def main() -> int:
                            cgroup=str(CGROUP))
                 print()
                 print(multihost_table(doc, unique))
-                out = args.json if args.json != DEFAULT_JSON else (
-                    REPO / "bench" / "results" / "storm-multihost.json")
+                out = args.json
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(doc, indent=2))
                 print(f"\nJSON: {out}")

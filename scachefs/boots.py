@@ -26,7 +26,7 @@ from scachefs import prefetch, traces
 from scachefs.chunkcache import ChunkCache
 from scachefs.layer import Layer
 from scachefs.options import MountOptions
-from scachefs.recorder import BootSession
+from scachefs.recorder import MIN_REQUESTS, BootSession
 from scachefs.traces import Boot, LayerId, TraceFile, TraceStore
 from scachefs.workers import WorkerPool
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TRACE_DIR = (b".scache", b"traces")
 QUIET_SECONDS = 30.0  # a boot session whose reads stopped this long has ended
+TRACE_DIR_CHECK_SECONDS = 5.0  # how often the trace directory is checked for changes
 
 
 def open_trace_store(root_fd: int, options: MountOptions) -> TraceStore | None:
@@ -93,6 +94,7 @@ class Boots:
         self.options = options
         self.demand_waiting = demand_waiting
         self.nursery: trio.Nursery | None = None
+        self._reloading = False
 
     # ------------------------------------------------------------ attachment
     async def attach(self, layer: Layer) -> None:
@@ -141,6 +143,13 @@ class Boots:
             log.warning("ignoring trace file %s of layer %s: %s", name, layer.path, reason)
         layer.trace_files = files
         self._merge(layer)
+        ws = layer.trace
+        if ws is not None and ws.converted:
+            log.info("boot traces of %s recorded at %s chunks are converted to this mount's "
+                     "%d KiB chunks (%d of %d boots)", layer.path,
+                     "/".join(f"{cs >> 10} KiB" for cs in ws.chunk_sizes
+                              if cs != self.cache.chunk_size),
+                     self.cache.chunk_size >> 10, ws.converted, ws.boots)
         record = self.options.record
         current = layer.trace is not None and layer.trace.current
         layer.should_record = record == "on" or (record == "auto" and not current)
@@ -168,6 +177,8 @@ class Boots:
             layer.trace_status = "none"
         elif ws.current:
             layer.trace_status = "ready"
+        elif ws.same_version:
+            layer.trace_status = "converted"  # recorded at another chunk size only
         else:
             layer.trace_status = "stale"  # recorded on an older version of the layer
 
@@ -188,7 +199,7 @@ class Boots:
                                         rate=self.options.prefetch_rate,
                                         demand_waiting=self.demand_waiting)
             progress.running = False
-            if progress.stale_chunks and layer.trace_status == "ready":
+            if progress.stale_chunks and layer.trace_status in ("ready", "converted"):
                 log.warning("trace of %s is stale for %d chunks: the layer changed since it "
                             "was recorded; recording the next boot", layer.path,
                             progress.stale_chunks)
@@ -210,8 +221,12 @@ class Boots:
         if layer.handles == 1 and layer.trace is not None and not (
                 layer.progress and layer.progress.running):
             self.cache.pin(layer.buffer, layer.trace.chunks)  # a boot set is open again
-        if layer.should_record and layer.session is None:
-            layer.session = BootSession(self.cache.chunk_size, layer.identity[2])
+        session = layer.session
+        if layer.should_record and (session is None or (
+                session.requests >= MIN_REQUESTS and session.is_scan())):
+            # A scan (a cp still running) gives way to a VM that opens the layer.
+            layer.session = BootSession(self.cache.chunk_size, layer.identity[2],
+                                        window=self.options.boot_window)
             layer.session_owner = handle
             layer.trace_status = "recording"
 
@@ -222,8 +237,12 @@ class Boots:
             self.cache.unpin_all(layer.buffer)
 
     async def watch(self, layers: Callable[[], list[Layer]]) -> None:
-        """End sessions after the boot window or when their reads go quiet."""
+        """End sessions after the boot window or when their reads go quiet; notice when
+        the trace directory changes (a delete or import by scachefs-trace, another host's
+        boot, an operator's rm) and read the attached layers' traces again."""
         quiet = min(QUIET_SECONDS, self.options.boot_window)
+        stamp = await self._dir_stamp()
+        checked = time.monotonic()
         while True:
             await trio.sleep(1)
             now = time.monotonic()
@@ -231,6 +250,73 @@ class Boots:
                 session = layer.session
                 if session is not None and session.over(now, self.options.boot_window, quiet):
                     self._finish(layer)
+            if now - checked >= TRACE_DIR_CHECK_SECONDS:
+                checked = now
+                new = await self._dir_stamp()
+                if new is None or new == stamp:
+                    continue
+                if stamp is not None and self.nursery is not None:
+                    if self._reloading:
+                        continue  # seen again at the next check
+                    self.nursery.start_soon(self.reload, layers())
+                stamp = new
+
+    async def _dir_stamp(self) -> tuple[int, ...] | None:
+        """What changes when a file of the trace directory is created, renamed or removed."""
+        if self.store is None:
+            return None
+        try:
+            st = await self.workers.run(os.fstat, self.store.dir_fd)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
+
+    async def reload(self, layers: list[Layer]) -> None:
+        """Read the layers' traces again (the trace directory changed)."""
+        self._reloading = True
+        try:
+            for layer in layers:
+                await self._reload(layer)
+        finally:
+            self._reloading = False
+
+    async def _reload(self, layer: Layer) -> None:
+        store, layer_id = self.store, layer.trace_id
+        if store is None or layer_id is None or not layer.active:
+            return
+        try:
+            files, _ = await self.workers.run(store.load, layer_id, layer.path,
+                                              layer.identity[1])
+        except OSError as exc:
+            log.warning("cannot read the boot traces of %s again: %s", layer.path,
+                        exc.strerror or exc)
+            return
+        if layer.trace_id is not layer_id or not layer.active:
+            return  # fingerprinted afresh, or dropped, meanwhile
+        before, status = layer.trace, layer.trace_status
+        layer.trace_files = files
+        self._merge(layer)
+        ws = layer.trace
+        if layer.session is not None:
+            layer.trace_status = "recording"
+        was_current = before is not None and before.current
+        now_current = ws is not None and ws.current
+        if was_current != now_current:
+            record = self.options.record
+            layer.should_record = record == "on" or (record == "auto" and not now_current)
+        if (before is None) != (ws is None) or (before is not None and ws is not None and (
+                before.boots, before.chunks) != (ws.boots, ws.chunks)):
+            log.info("boot traces of %s changed in the trace directory: %s -> %s (%d boots, "
+                     "%d chunks)", layer.path, status, layer.trace_status,
+                     ws.boots if ws else 0, len(ws.chunks) if ws else 0)
+            if layer.progress and layer.progress.running:
+                return  # prefetching the old set: what it pins is let go at its end
+            if layer.handles:
+                self.cache.unpin_all(layer.buffer)  # pin the boot set as it is now
+                if ws is not None:
+                    self.cache.pin(layer.buffer, ws.chunks)
+            elif ws is not None:
+                layer.progress = None  # a new prediction: the next boot prefetches it
 
     def _finish(self, layer: Layer) -> None:
         session = layer.session
@@ -238,8 +324,9 @@ class Boots:
         if session is None:
             return
         if not session.is_boot():
-            log.debug("session on %s was not a boot (%d reads, %d chunks)", layer.path,
-                      session.requests, len(session.first_ms))
+            # A scan (sha256sum, cp, a backup) is worth a line: it read the whole layer.
+            (log.info if session.is_scan() and session.requests >= MIN_REQUESTS else log.debug)(
+                "session on %s not recorded: %s", layer.path, session.why_not_boot())
             self._merge(layer)  # back to what the traces say
             return
         layer.should_record = self.options.record == "on"
@@ -251,11 +338,28 @@ class Boots:
         if store is None or layer.fd < 0 or layer.trace_id is None:
             return
         cs = self.cache.chunk_size
+        layer_id = layer.trace_id
+        # This host's earlier boots of the layer as it is now; boots of another
+        # version (the layer changed, or a stale trace) are not carried over. Boots it
+        # recorded at another chunk size are converted to this one (their chunks are
+        # hashed afresh: they were recorded on these same bytes).
+        mine = [f for f in layer.trace_files
+                if f.host == store.host and f.layer.same_version(layer_id)]
+        kept: list[Boot] = []
+        earlier: list[tuple[Boot, list[tuple[int, int]]]] = []  # to convert
+        if mine and mine[0].chunk_size == cs:
+            kept = mine[0].boots
+        elif mine:
+            earlier = [(b, traces.regrid(b, mine[0].chunk_size, cs, layer.size))
+                       for b in mine[0].boots]
+        wanted = dict.fromkeys(session.first_ms)
+        for _, chunks in earlier:
+            wanted.update(dict.fromkeys(c for c, _ in chunks if c * cs < layer.size))
         # Resident chunks are hashed here, in memory (no copies: an arena chunk is only
         # valid until the next await), a few hundred at a time; the rest in a worker.
         digests: dict[int, int] = {}
         missing: list[int] = []
-        for count, index in enumerate(list(session.first_ms)):
+        for count, index in enumerate(list(wanted)):
             data = self.cache.peek(layer.buffer, index)
             if data is None:
                 missing.append(index)
@@ -274,12 +378,9 @@ class Boots:
             boot = Boot(session.started_wall, session.duration_ms, session.requests,
                         session.bytes, [(c, ms, digests[c]) for c, ms in
                                         session.first_ms.items()])
-            layer_id = layer.trace_id
-            # This host's earlier boots of the layer as it is now; boots of another
-            # version (the layer changed, or a stale trace) are not carried over.
-            mine = [f for f in layer.trace_files
-                    if f.host == store.host and f.layer.same_version(layer_id)]
-            previous = mine[0].boots if mine else []
+            previous = kept + [Boot(b.started, b.duration_ms, b.requests, b.bytes,
+                             [(c, ms, digests[c]) for c, ms in chunks if c in digests])
+                        for b, chunks in earlier]
             trace = TraceFile(layer_id, cs, store.host,
                               [*previous, boot][-traces.MAX_BOOTS_PER_FILE:], layer.path)
             name = await self.workers.run(store.save, trace)
@@ -304,6 +405,7 @@ class Boots:
                                  "recording": layer.session is not None,
                                  "fingerprint": layer.trace_id.hex if layer.trace_id else None}
         if ws is not None:
-            trace.update(boots=ws.boots, hosts=ws.hosts, chunks=len(ws.chunks), bytes=ws.bytes)
+            trace.update(boots=ws.boots, hosts=ws.hosts, chunks=len(ws.chunks), bytes=ws.bytes,
+                         chunk_sizes=ws.chunk_sizes, converted_boots=ws.converted)
         return {"trace": trace,
                 "prefetch": layer.progress.as_dict() if layer.progress else None}

@@ -13,7 +13,11 @@ Guarantees the rest of scachefs relies on:
   every other reader of it waits for that fill (a boot storm costs one read);
 * ``used_bytes <= budget_bytes`` at every instant; data a fill returns always
   reaches its readers even when it cannot be cached;
-* a failed or short fill caches nothing and every waiter gets the same errno;
+* a failed or short fill caches nothing and every waiter gets the same errno (a
+  short one raises :class:`ShortFill`: the layer shrank on the store);
+* a fill that started before the layer's ``trusted_at`` (its identity was too
+  fresh to rule out a write still landing under it) serves its readers but
+  caches nothing;
 * :meth:`ChunkCache.drop_layer` bumps the layer generation, so fills that were
   in flight when the layer changed never insert stale data afterwards.
 """
@@ -37,12 +41,17 @@ __all__ = [
     "Fill",
     "LayerBuffer",
     "LayerStats",
+    "ShortFill",
 ]
 
 Fill = Callable[[int, int], Awaitable[bytes]]
 """``fill(offset, length) -> bytes`` read from the store; raises OSError on failure."""
 
 DEFAULT_CHUNK_SIZE = 65536
+
+
+class ShortFill(OSError):
+    """The store returned fewer bytes than the layer's size promised: it shrank."""
 
 
 async def _dormant_fill(offset: int, length: int) -> bytes:
@@ -97,12 +106,17 @@ class LayerBuffer:
         "identity",
         "size",
         "stats",
+        "trusted_at",
     )
 
-    def __init__(self, identity: Hashable, size: int, fill: Fill) -> None:
+    def __init__(self, identity: Hashable, size: int, fill: Fill,
+                 trusted_at: float = float("-inf")) -> None:
         self.identity = identity
         self.size = size
         self.fill = fill
+        # trio time from which fills may be cached: before it, a write to the file may
+        # still be landing under this identity (its mtime is set before the data).
+        self.trusted_at = trusted_at
         self.stats = LayerStats()
         self._chunks: dict[int, bytes | memoryview] = {}
         self._slots: dict[int, int] = {}  # chunk -> arena slot (with an arena)
@@ -147,7 +161,8 @@ class LayerBuffer:
 class _Flight:
     """One in-progress fill of a run of contiguous chunks; waiters share its result."""
 
-    __slots__ = ("data", "error", "event", "first", "generation", "last", "layer", "length")
+    __slots__ = ("data", "error", "event", "first", "generation", "last", "layer", "length",
+                 "started")
 
     def __init__(self, layer: LayerBuffer, first: int, last: int, length: int) -> None:
         self.layer = layer
@@ -155,6 +170,7 @@ class _Flight:
         self.last = last
         self.length = length
         self.generation = layer._generation
+        self.started = trio.current_time()
         self.event = trio.Event()
         self.data: bytes | None = None
         self.error: OSError | None = None
@@ -246,9 +262,12 @@ class ChunkCache:
         """The buffer for ``identity`` if one is attached, without creating it."""
         return self._layers.get(identity)
 
-    def layer(self, identity: Hashable, size: int, fill: Fill) -> LayerBuffer:
+    def layer(self, identity: Hashable, size: int, fill: Fill,
+              trusted_at: float = float("-inf")) -> LayerBuffer:
         """Get or create the buffer of a layer.
 
+        ``trusted_at`` (trio time) is when the identity became safe to cache under
+        (see LayerBuffer.trusted_at); an existing buffer keeps the earlier of the two.
         An existing buffer keeps its ``fill``; a different ``size`` means the
         caller's view of the layer changed, which must go through
         ``drop_layer(identity, forget=True)`` first, hence ValueError.
@@ -259,13 +278,14 @@ class ChunkCache:
         if buf is not None:
             if buf.fill is _dormant_fill:  # chunks a predecessor left: now they have a file
                 buf.fill = fill
+            buf.trusted_at = min(buf.trusted_at, trusted_at)
             if buf.size != size:
                 raise ValueError(
                     f"layer {identity!r} is cached with size {buf.size}, not {size}; "
                     "drop_layer(identity, forget=True) it first"
                 )
             return buf
-        buf = LayerBuffer(identity, size, fill)
+        buf = LayerBuffer(identity, size, fill, trusted_at)
         self._layers[identity] = buf
         return buf
 
@@ -473,7 +493,7 @@ class ChunkCache:
         fetched = 0
         for flight in own:
             if flight.error is not None:
-                raise OSError(flight.error.errno, flight.error.strerror)
+                raise type(flight.error)(flight.error.errno, flight.error.strerror)
             if flight.data is not None:
                 fetched += len(flight.data)
         return fetched
@@ -563,7 +583,7 @@ class ChunkCache:
                         if is_joined:  # a waiter is an access too
                             touch(layer, index)
             if error is not None:
-                raise OSError(error.errno, error.strerror)
+                raise type(error)(error.errno, error.strerror)
         return [piece for piece in out if piece is not None]
 
     async def _run_flights(self, flights: list[_Flight]) -> None:
@@ -598,7 +618,7 @@ class ChunkCache:
             stats.store_bytes += len(data)
             total.store_bytes += len(data)
             if len(data) < length:
-                raise OSError(
+                raise ShortFill(
                     errno.EIO,
                     f"short read from store: {len(data)} of {length} bytes at offset {offset}",
                 )
@@ -627,7 +647,8 @@ class ChunkCache:
     def _commit(self, flight: _Flight) -> None:
         """Insert a successful fill's chunks, unless the layer changed meanwhile."""
         layer = flight.layer
-        if not layer._attached or flight.generation != layer._generation:
+        if (not layer._attached or flight.generation != layer._generation
+                or flight.started < layer.trusted_at):
             return
         data = flight.data
         assert data is not None

@@ -30,9 +30,11 @@ mount options (-o name[=value],...):
   allow_other          let users other than the mounting one use the mount; the kernel
                        still checks every access against the store's owners and modes
                        (default_permissions is always on)
-  ro                   mount read-only (also: nodev, nosuid, noexec, noatime, ...)
+  ro                   mount read-only (also applied: nodev, nosuid, noexec, noatime,
+                       nodiratime, relatime, strictatime, sync, dirsync, nosymfollow
+                       and their opposites)
   cache_size=SIZE      memory budget of the shared layer cache, e.g. 512M, 2G, 10%
-                       (of RAM); default: 25% of RAM
+                       (of RAM); default: 25% of RAM; at least 16 chunks
   chunk_size=SIZE      cache chunk size, a power of two from 4K to 1M (default 16K)
   readahead=SIZE       a read that misses fetches at least this aligned window from the
                        store (default 64K; 0 = just the chunks asked for)
@@ -67,8 +69,10 @@ mount options (-o name[=value],...):
                        files other images name as backing file; all: every file opened
                        read-only (for a mount over a base directory only, e.g. Nova's
                        instances/_base)
-  defaults, auto, noauto, nofail, _netdev, user, users, rw, x-*, comment=*
-                       fstab and systemd options: accepted and ignored
+  defaults, auto, noauto, nofail, _netdev, _rnetdev, user, users, owner, group,
+  lazytime, iversion, mand, silent (and their no* forms), x-*, X-*, comment=*
+                       fstab, systemd and disk file system options: accepted and
+                       ignored (remount and SELinux context= are refused)
 
 examples:
   scachefs /srv/images /var/lib/scache -o allow_other,cache_size=2G
@@ -284,9 +288,12 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     ``detach``: the holder runs in the background; once the mount is live this
     process lets go of the terminal too (until then, errors still reach the user).
     """
-    fuse_fd, root_fd, state_fd, ready_fd, arena_fd = (int(v) for v in spec.split(","))
-    for fd in (fuse_fd, root_fd, state_fd, arena_fd):
-        os.set_inheritable(fd, False)
+    values = [int(v) for v in spec.split(",")]
+    fuse_fd, root_fd, state_fd, ready_fd, arena_fd = values[:5]
+    keeper_fd = values[5] if len(values) > 5 else None  # a holder older than the keeper
+    for fd in (fuse_fd, root_fd, state_fd, arena_fd, keeper_fd):
+        if fd is not None:
+            os.set_inheritable(fd, False)
     # The open-file limit is the holder's, raised (and warned about) once there.
 
     def ready() -> None:
@@ -302,7 +309,7 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
     try:
         return _serve_daemon(source, mountpoint, opts,
                              daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd,
-                                                arena_fd),
+                                                arena_fd, keeper_fd),
                              cause, ready)
     except MountError as exc:
         log.error("%s", exc)

@@ -21,16 +21,19 @@ from collections.abc import Callable
 
 import trio
 
-from scachefs import state
+from scachefs import crashpoints, state
 from scachefs.fs import ScacheFS
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
 from scachefs.fuse.session import Session
+from scachefs.keeper import Keeper
 from scachefs.options import MountOptions
 from scachefs.sdnotify import sd_notify
 from scachefs.takeover import Journal, restore
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE = 10.0  # seconds open files may go on after SIGTERM before the connection ends
 
 EXIT_HANDOVER = 75  # stopped serving on request, so that a successor takes over
 EXIT_STATE_LOST = 76  # could not take over: the state cannot be trusted
@@ -46,16 +49,21 @@ class Descriptors:
     state: int | None = None
     ready: int | None = None
     arena: int | None = None
+    keeper: int | None = None  # the holder keeps copies of open files (keeper.py)
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, cause: str,
           ready: Callable[[], None]) -> int:
     """Serve until unmounted (0) or asked to hand over (EXIT_HANDOVER)."""
-    os.umask(0)  # modes from callers arrive with their umask already applied
+    os.umask(0)  # the daemon's own files; callers' creates apply their umask per thread (creds)
     ops = ScacheFS(fds.root, opts, source, mountpoint, arena_fd=fds.arena)
     session = Session(fds.fuse, ops, max_tasks=opts.max_tasks)
     ops.session = session
     resume: tuple[int, int] | None = None
+    kept: dict[int, int] = {}
+    if fds.keeper is not None:
+        ops.keeper = Keeper(fds.keeper)
+        kept = ops.keeper.received()
     if fds.state is not None:
         statelog = state.StateLog(fds.state)
         if statelog.initialized():
@@ -65,8 +73,10 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
             except state.StateError as exc:
                 log.error("cannot take over the mount: its state is corrupt (%s)", exc)
                 return EXIT_STATE_LOST
-            done = restore(ops, snap)
+            done = restore(ops, snap, kept)
+            ops.restored()  # the writers among the open files: their layers stay uncached
             ops.generation = statelog.begin_generation(cause, time.time_ns())
+            crashpoints.arm(ops.generation)
             ops.restart = {"generation": ops.generation, "cause": cause,
                            "time": time.time(), "restored_nodes": done.nodes,
                            "restored_files": done.files, "lost_nodes": done.lost_nodes,
@@ -83,8 +93,12 @@ def serve(source: str, mountpoint: str, opts: MountOptions, fds: Descriptors, ca
                 statelog.start(minor, flags, bool(flags & abi.PASSTHROUGH))
 
             session.on_init = initialized
+            crashpoints.arm(0)
         ops.use_journal(Journal(statelog))
         ops.holder_pid = os.getppid()
+    for fd in kept.values():  # files the state does not know (any more): not ours
+        os.close(fd)
+    kept.clear()
     log.info("serving %s on %s (cache budget %d MiB, %d open files at most)", source,
              mountpoint, opts.cache_budget() >> 20, ops.fd_limit)
     return trio.run(_serve, ops, session, mountpoint, ready, resume)
@@ -100,10 +114,12 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
             await trio.to_thread.run_sync(os.stat, mountpoint)
             ready()
 
-        async def on_signals() -> None:
+        async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
             nonlocal handed_over
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                            signal.SIGUSR1) as signals:
+                task_status.started()  # the holder may send SIGUSR1 once we said ready
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         log.info("handing over to a successor: finishing the requests "
@@ -114,8 +130,17 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
                     log.info("received %s, unmounting", signal.Signals(signum).name)
                     sd_notify("STOPPING=1")
                     # Lazily: the kernel ends the connection (our loop sees it) once no
-                    # file under the mount is open any more.
+                    # file under the mount is open any more ...
                     await trio.to_thread.run_sync(fuse_mount.unmount, mountpoint, session.fd)
+                    # ... unless files stay open, or another mount namespace holds a copy
+                    # of the mount: then we end it, so a stop always ends (they get
+                    # ENOTCONN once our holder closes the last /dev/fuse descriptor).
+                    await trio.sleep(STOP_GRACE)
+                    log.warning("the mount is still in use %.0f s after %s (open files, or "
+                                "a copy in another mount namespace): ending the connection; "
+                                "its users get ENOTCONN", STOP_GRACE,
+                                signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
                     return
 
         async def compact() -> None:
@@ -123,7 +148,7 @@ async def _serve(ops: ScacheFS, session: Session, mountpoint: str,
                 await trio.sleep(COMPACT_EVERY)
                 ops.journal.compact_if_needed(ops)
 
-        nursery.start_soon(on_signals)
+        await nursery.start(on_signals)
         if resume is None:
             nursery.start_soon(wait_ready)
         else:

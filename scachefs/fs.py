@@ -31,7 +31,7 @@ import trio
 from scachefs import __version__, control, syscalls
 from scachefs.arena import Arena, slots_for
 from scachefs.boots import TRACE_DIR, Boots, open_trace_store
-from scachefs.chunkcache import ChunkCache
+from scachefs.chunkcache import ChunkCache, ShortFill
 from scachefs.fuse.ops import Attr, FuseError, Opened, Request, SetAttr
 from scachefs.inodes import ROOT_INODE, Inode
 from scachefs.layer import Layer, identity_of
@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 
 HIDDEN_DIR = TRACE_DIR[0]  # the store's .scache directory: never shown through the mount
 LAYER_CHECK_SECONDS = 5.0  # how often attached layers are checked for deletion or change
+# A write on the store sets the file's mtime before its data lands: an identity whose
+# mtime is younger than this may still get new bytes under it ("racy timestamps", as
+# git's index calls them), so nothing read under it is cached until it is this old.
+SETTLE_SECONDS = 2.0
+
+
+def settles_in(st: os.stat_result) -> float:
+    """Seconds until ``st``'s identity is old enough to cache under (0: it is already)."""
+    return max(0.0, st.st_mtime_ns / 1e9 + SETTLE_SECONDS - time.time())
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,6 +62,9 @@ class LayerHandle(OpenFile):
 
     layer: Layer | None = None
     counted_writer: bool = False  # counted in ScacheFS.writers until released
+    # Opened for writing beside a cached layer, not written yet (libvirt restoring an
+    # owner opens O_RDWR and never writes): served by us, so its first write is seen.
+    idle_writer: bool = False
 
 
 def _real_parent(path: str) -> str:
@@ -168,7 +180,8 @@ class ScacheFS(Passthrough):
                 layer.release_fd()
                 self._watch_budget()
 
-        layer.buffer = self.cache.layer(identity, st.st_size, fill)
+        layer.buffer = self.cache.layer(identity, st.st_size, fill,
+                                        trio.current_time() + settles_in(st))
         self.layers[key] = layer
         log.info("serving backing layer %s (%d MiB) from the shared cache", path,
                  st.st_size >> 20)
@@ -247,6 +260,13 @@ class ScacheFS(Passthrough):
             del self.writers[key]
         self.changes[key] += 1
 
+    def _changing(self, handle: OpenFile) -> None:
+        """A handle is about to change its file: an idle writer becomes a writer now
+        (the layer's cache goes before the change can be read)."""
+        if isinstance(handle, LayerHandle) and handle.idle_writer:
+            handle.idle_writer = False
+            self._writer_opened(handle)
+
     def _new_handle(self, fd: int, node: Inode, flags: int) -> OpenFile:
         return LayerHandle(fd, node, flags)
 
@@ -279,6 +299,15 @@ class ScacheFS(Passthrough):
         await self._probe(handle, st)
         key = node.key
         if handle.writable:
+            layer = self.layers.get(key)
+            if layer is not None and layer.active and not handle.flags & os.O_TRUNC:
+                # The cache stays until this handle changes the file: we serve it, so its
+                # first write, fallocate or copy reaches us (and drops the cache) first.
+                handle.idle_writer = True
+                self.changes[key] += 1
+                direct = self._direct_io(handle)
+                self._serve_ourselves(handle, direct)
+                return Opened(self._register_file(handle), direct_io=direct)
             self._writer_opened(handle)
             return self._plain(handle, st)
         # Beside a passthrough open the kernel takes passthrough opens only.
@@ -302,9 +331,11 @@ class ScacheFS(Passthrough):
         # O_DIRECT readers (qemu's cache=none) bypass the page cache: FOPEN_DIRECT_IO keeps
         # the inode out of the kernel's caching mode, so a writer can still pass through.
         direct = bool(handle.flags & os.O_DIRECT)
-        # The kernel may keep its pages only if they are of this very identity.
+        # The kernel may keep its pages only if they are of this very identity, read
+        # when it was settled (pages read under a fresh one may predate a write).
         keep_cache = not direct and node.page_identity == layer.identity
-        node.page_identity = None if direct else layer.identity
+        settled = trio.current_time() >= layer.buffer.trusted_at
+        node.page_identity = layer.identity if settled and not direct else None
         self._serve_ourselves(handle, direct)
         return Opened(self._register_file(handle), keep_cache=keep_cache, direct_io=direct,
                       noflush=True)
@@ -354,10 +385,28 @@ class ScacheFS(Passthrough):
         self.demand_waiting += 1
         try:
             return await self.cache.read(layer.buffer, offset, size)
+        except ShortFill:  # it shrank on the store: the store's answer is the answer
+            self._changed_on_store(layer, "it shrank on the store")
+            return await super().read(fh, offset, size)
         except OSError as exc:  # the fill that failed logged it, once for all waiters
             raise FuseError(exc.errno or errno.EIO) from None
         finally:
             self.demand_waiting -= 1
+
+    async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
+        self._changing(self.files[fh])
+        return await super().write(fh, offset, data, kill_suidgid)
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int,
+                        req: Request) -> None:
+        self._changing(self.files[fh])
+        await super().fallocate(fh, offset, length, mode, req)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int, flags: int, req: Request) -> int:
+        self._changing(self.files[fh_out])
+        return await super().copy_file_range(fh_in, off_in, fh_out, off_out, length, flags,
+                                             req)
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)
@@ -435,7 +484,13 @@ class ScacheFS(Passthrough):
         if not isinstance(handle, LayerHandle) or handle.layer is not None:
             return
         node = handle.inode
-        st = await self.workers.run(os.fstat, handle.fd)
+        # Our own copy: a RELEASE may close the handle's descriptor (and its number be
+        # reused) while the fstat runs in a worker.
+        fd = os.dup(handle.fd)
+        try:
+            st = await self.workers.run(os.fstat, fd)
+        finally:
+            os.close(fd)
         if self.files.get(fh) is not handle or node.passthrough_opens or self.writers[node.key]:
             return  # gone meanwhile, or read from the store while a writer is open
         path = self.shadow.path_of(node.key) or os.fsdecode(self.table.relpath(node) or b"?")
@@ -479,11 +534,19 @@ class ScacheFS(Passthrough):
                     if node is not None and node.name:  # let the kernel forget the name
                         self._notify(self._notify_entry, node.parent, node.name)
                 elif identity_of(st) != layer.identity:
-                    self.identity_changes[layer.key] += 1
-                    self._drop(layer.key, "it changed on the store")
-                    if node is not None:  # and the pages it read from the old content
-                        node.page_identity = None
-                        self._notify(self._notify_inode, node.ino)
+                    self._changed_on_store(layer, "it changed on the store", node)
+
+    def _changed_on_store(self, layer: Layer, reason: str, node: Inode | None = None) -> None:
+        """Let go of a layer whose content changed on the store, and of the kernel's pages
+        and attributes of it: its handles read the store from now on."""
+        if not layer.active:
+            return
+        self.identity_changes[layer.key] += 1
+        self._drop(layer.key, reason)
+        node = node or self.table.by_key(layer.key)
+        if node is not None:
+            node.page_identity = None
+            self._notify(self._notify_inode, node.ino)
 
     def _notify_entry(self, parent: int, name: bytes) -> None:
         if self.session is not None:
@@ -684,6 +747,10 @@ class ScacheFS(Passthrough):
                 layer.should_record = bool(enabled)
             log.info("recording %s for %s on request of uid %d",
                      "enabled" if enabled else "disabled", path or "all layers", uid)
+        elif action == "reload_traces":  # scachefs-trace changed the trace directory
+            path = control.optional_str(args, "path")
+            await self.boots.reload([la for la in self.layers.values()
+                                     if path in (None, la.path)])
         elif action == "upgrade":
             if self.holder_pid is None:
                 raise control.ControlError(errno.EOPNOTSUPP, "this mount has no holder to "

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from scachefs import arena, state
+from scachefs import arena, keeper, state
 from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
@@ -90,9 +90,12 @@ class Holder:
         self.state_fd = -1
         self._stop: int | None = None  # SIGTERM or SIGINT received
         self._upgrade = False  # SIGHUP received, not yet passed on
+        self._handing_over = False  # an upgrade passed on, its successor not ready yet
         self._ready_seen = False  # a daemon said the mount is live
+        self._daemon_ready = False  # the current daemon serves and handles SIGUSR1
         self._crashes: list[float] = []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.kept = keeper.Kept()  # copies of the daemons' open files (see keeper.py)
 
     # -------------------------------------------------------------- running
     def run(self, ready: Callable[[], None], stored: dict[str, int] | None = None) -> int:
@@ -148,6 +151,7 @@ class Holder:
             os.close(self.fuse_fd)
             os.close(self.state_fd)
             os.close(self.arena_fd)
+            self.kept.close()
             for name in FDSTORE_NAMES:
                 sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
             log.info("unmounted %s", self.spec.mountpoint)
@@ -180,7 +184,10 @@ class Holder:
     def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
         """Start a daemon on our descriptors and wait for it to end; its return code."""
         read_end, write_end = os.pipe()
-        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd)
+        self._daemon_ready = False
+        ours, theirs = keeper.pair()
+        fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd,
+               theirs.fileno())
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[RESTART_CAUSE_ENV] = cause
         argv = [sys.executable, "-m", "scachefs", "--serve-fds",
@@ -190,6 +197,9 @@ class Holder:
         self.proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=fds, env=env,
                                      stdin=subprocess.DEVNULL)
         os.close(write_end)
+        theirs.close()
+        threading.Thread(target=self.kept.serve, args=(ours,), daemon=True,
+                         name="keeper").start()
         waiter = threading.Thread(target=self._wait_ready, args=(read_end, ready),
                                   daemon=True, name="ready")
         waiter.start()
@@ -201,8 +211,10 @@ class Holder:
                 return returncode
             except subprocess.TimeoutExpired:
                 pass
-            if self._upgrade:
+            # SIGUSR1 before the daemon handles it would kill it: wait until it says so.
+            if self._upgrade and self._daemon_ready and self._stop is None:
                 self._upgrade = False
+                self._handing_over = True
                 log.info("upgrade requested: the daemon hands over")
                 self.proc.send_signal(signal.SIGUSR1)
             if self._stop is not None and not forwarded:
@@ -214,12 +226,17 @@ class Holder:
         with os.fdopen(fd, "rb") as pipe:
             if pipe.read(1) == b"r":
                 self._ready_seen = True
+                self._daemon_ready = True
+                self._handing_over = False
                 if ready is not None:
                     ready()
                     sd_notify("READY=1")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
-            self._upgrade = True
+            # Requests that arrive while an upgrade is under way are merged into it: its
+            # successor runs the code installed now.
+            if not self._handing_over:
+                self._upgrade = True
         else:
             self._stop = signum

@@ -41,6 +41,9 @@ class Inode:
     name: bytes = b""
     # Until when (monotonic) the object is known to have no security.capability xattr.
     no_caps_until: float = 0.0
+    # Until when (monotonic) it is known to have no POSIX access ACL (FUSE_POSIX_ACL: the
+    # kernel asks at permission checks, again after each revalidation).
+    no_acl_until: float = 0.0
     # The layer identity the kernel's page cache of this inode holds, if known: an open
     # may let the kernel keep its pages (keep_cache) only when they are of this identity.
     page_identity: tuple[int, int, int, int] | None = None
@@ -139,6 +142,18 @@ class InodeTable:
     def find(self, st: os.stat_result) -> Inode | None:
         """The entry of a store object, if the kernel knows it."""
         return self._by_key.get((st.st_dev, st.st_ino))
+
+    def child(self, parent: int, name: bytes) -> Inode | None:
+        """The entry the kernel knows as ``name`` in directory ``parent`` (a scan: for
+        rare paths only)."""
+        for inode in self._by_ino.values():
+            if inode.parent == parent and inode.name == name:
+                return inode
+        return None
+
+    def by_key(self, key: tuple[int, int]) -> Inode | None:
+        """The entry of the store object ``(st_dev, st_ino)``, if the kernel knows it."""
+        return self._by_key.get(key)
 
     def relpath(self, inode: Inode) -> bytes | None:
         """The object's path relative to the store root, from the names the kernel used.

@@ -12,19 +12,38 @@ import os
 import re
 from collections.abc import Iterable
 
-# Options mount(8), fstab and systemd use for themselves; they reach us through
-# mount.fuse3 and mean nothing to the daemon.
+# Options mount(8), fstab and systemd use for themselves, and filesystem-independent
+# options of mount(8) that mean nothing for a FUSE file system: they reach us through
+# mount(8) when an fstab line was copied from another file system, and are dropped.
 IGNORED_OPTIONS = frozenset(
-    {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner",
-     "group", "rw", "async", "loop"}
+    {"defaults", "auto", "noauto", "nofail", "_netdev", "_rnetdev", "user", "users", "nouser",
+     "owner", "group", "rw", "async", "loop",
+     # Lazy timestamp writes, i_version, mandatory locks, the silent flag: superblock
+     # options of disk file systems; times here are the store's.
+     "lazytime", "nolazytime", "iversion", "noiversion", "mand", "nomand", "silent", "loud"}
 )
-IGNORED_PREFIXES = ("x-", "comment=", "x-systemd.")
+# x-* and X-* are comments or other programs' options (x-systemd.*, x-initrd.mount,
+# X-mount.mkdir, which mount(8) acts on itself).
+IGNORED_PREFIXES = ("x-", "X-", "comment=")
 
-# Generic VFS mount flags that libfuse understands and applies to the kernel mount.
+# Generic VFS mount flags applied to the kernel mount (see scachefs.fuse.mount).
 KERNEL_FLAGS = frozenset(
     {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-     "relatime", "norelatime", "strictatime", "nodiratime", "sync", "dirsync"}
+     "diratime", "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime",
+     "sync", "dirsync", "symfollow", "nosymfollow"}
 )
+
+# Options that must not be dropped silently: the message says what to do instead.
+REFUSED_OPTIONS = {
+    "remount": "remount is not supported: unmount and mount again with the new options",
+    "context": "SELinux context options are not supported by scachefs",
+    "fscontext": "SELinux context options are not supported by scachefs",
+    "defcontext": "SELinux context options are not supported by scachefs",
+    "rootcontext": "SELinux context options are not supported by scachefs",
+}
+
+# The smallest cache: this many chunks, and at least one readahead window.
+MIN_CACHE_CHUNKS = 4  # a smaller cache would evict what a single read just filled
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -138,6 +157,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     """Turn every ``-o`` argument into one MountOptions; later options win."""
     opts = MountOptions()
     flags: list[str] = []
+    cache_text = ""
     for text in option_strings:
         for item in split_option_string(text):
             name, sep, value = item.partition("=")
@@ -146,6 +166,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
             if item in KERNEL_FLAGS:
                 flags.append(item)
                 continue
+            if name in REFUSED_OPTIONS:
+                raise OptionError(f"option {name}: {REFUSED_OPTIONS[name]}")
             if name == "allow_other" and not sep:
                 opts.allow_other = True
             elif name == "default_permissions" and not sep:
@@ -154,6 +176,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 raise OptionError(f"unknown mount option {item!r} (see scachefs --help)")
             elif name == "cache_size":
                 opts.cache_size = parse_size(value, name)
+                cache_text = value
             elif name == "chunk_size":
                 size = parse_size(value, name)
                 if size < 4096 or size > (1 << 20) or size & (size - 1):
@@ -199,4 +222,19 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
             else:
                 raise OptionError(f"unknown mount option {name!r} (see scachefs --help)")
     opts.kernel_flags = tuple(dict.fromkeys(flags))
+    if opts.cache_size is not None:
+        least = max(MIN_CACHE_CHUNKS * opts.chunk_size, opts.readahead)
+        if opts.cache_size < least:
+            raise OptionError(
+                f"option cache_size: {cache_text} is too small for "
+                f"{_human(opts.chunk_size)} chunks: the cache needs room for at least "
+                f"{MIN_CACHE_CHUNKS} chunks and one readahead window ({_human(least)}); "
+                "typical sizes are 2G or 10%")
     return opts
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"

@@ -17,24 +17,38 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import resource
 import stat
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from scachefs import syscalls
+import trio
+
+from scachefs import creds, locks, resend, syscalls
 from scachefs.fuse import abi
-from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
+from scachefs.fuse.ops import (
+    Attr,
+    Entry,
+    FuseError,
+    Lock,
+    Opened,
+    Operations,
+    Request,
+    SetAttr,
+)
 from scachefs.fuse.session import DirBuffer, Session
 from scachefs.inodes import Inode, InodeTable
+from scachefs.keeper import Keeper
 from scachefs.options import MountOptions
 from scachefs.takeover import KIND_CACHED, KIND_PASSTHROUGH, Journal
 from scachefs.workers import WorkerPool
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Flags that make no sense when the daemon reopens an existing object for a caller.
 # O_NOFOLLOW: the kernel already resolved the name without following it, and the
@@ -51,9 +65,18 @@ _CAPS_XATTR = b"security.capability"
 # Errors an operator must hear about (the caller gets them too); ENOENT & co. are normal.
 _STORE_TROUBLE = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE,
                             errno.ENOTCONN, errno.ETIMEDOUT})
-# INIT flags a passthrough of a directory tree wants from the kernel.
-_WANTED = (abi.EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
-           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2)
+_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+# INIT flags a passthrough of a directory tree wants from the kernel. No export support
+# (NO_EXPORT_SUPPORT): a handle would resolve by node id alone once the kernel forgot the
+# inode, and our node ids are store inode numbers, which the store reuses. POSIX_ACL:
+# the kernel checks the store's ACLs itself (it asks for system.posix_acl_access); with
+# DONT_MASK it leaves the umask to us, which a create done as the caller with the
+# request's umask applies exactly as the store does: ignored where the parent has a
+# default ACL. CREATE_SUPP_GROUP: creates carry the parent's group when the caller
+# is in it; SETXATTR_EXT: the kernel says when an ACL change must drop setgid.
+_WANTED = (abi.NO_EXPORT_SUPPORT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+           | abi.AUTO_INVAL_DATA | abi.HANDLE_KILLPRIV_V2 | abi.POSIX_LOCKS | abi.FLOCK_LOCKS
+           | abi.POSIX_ACL | abi.DONT_MASK | abi.SETXATTR_EXT | abi.CREATE_SUPP_GROUP)
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,6 +88,8 @@ class OpenFile:
     flags: int
     backing_id: int = 0  # the kernel does this handle's I/O (passthrough)
     cached: bool = False  # served by us through the kernel's page cache
+    # POSIX/OFD lock owners that took locks through this open file (see locks.py).
+    lock_owners: set[int] = dataclasses.field(default_factory=set)
 
     @property
     def writable(self) -> bool:
@@ -78,6 +103,15 @@ class OpenDir:
     fd: int
     inode: Inode
     names: list[tuple[bytes, int, int]] | None = None  # (name, d_ino, file type bits)
+
+
+def _empty_dir(dir_fd: int, name: bytes) -> bool:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        return not os.listdir(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_path(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
@@ -156,17 +190,15 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def _kills_privs(mode: int) -> bool:
-    """Whether a write by an unprivileged caller must drop bits of this mode."""
-    return bool(mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
-
-
-def _kill_suidgid(fd: int) -> None:
-    """Drop setuid, and setgid if group-executable, as a write by an unprivileged caller must."""
+def _kill_suidgid(fd: int) -> bool:
+    """Drop setuid, and setgid if group-executable, as a write by an unprivileged caller
+    must; whether the mode changed."""
     mode = os.fstat(fd).st_mode
     kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
     if mode & kill:
         os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) & ~kill)
+        return True
+    return False
 
 
 _CAP_SYS_ADMIN = 21
@@ -209,10 +241,12 @@ class Passthrough(Operations):
         # Reads and writes of plain files that reached the daemon (with passthrough: none).
         self.daemon_io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
         self.journal: Journal | None = None  # with a holder: the state a successor restores
+        self.keeper: Keeper | None = None  # with a holder: it pins our open files
 
     def use_journal(self, journal: Journal) -> None:
         """Write every table change to the state a restarted daemon takes over."""
         self.journal = journal
+        journal.fs = self
         self.table.changed = journal.node
         self.table.gone = journal.node_gone
 
@@ -304,42 +338,59 @@ class Passthrough(Operations):
 
     def _entry(self, ino: int, st: os.stat_result) -> Entry:
         return Entry(ino, st, self._shown_ino(ino, st), 0, self.options.entry_timeout,
-                     self.options.attr_timeout)
+                     self._attr_timeout(st))
 
     def _attr(self, ino: int, st: os.stat_result) -> Attr:
-        return Attr(st, self._shown_ino(ino, st), self.options.attr_timeout)
+        return Attr(st, self._shown_ino(ino, st), self._attr_timeout(st))
 
-    def _owner_for(self, parent: Inode, req: Request,
-                   parent_mode: int) -> tuple[int, int] | None:
-        """(uid, gid) a new object must get so callers own what they create; None: as is."""
+    def _attr_timeout(self, st: os.stat_result) -> float:
+        """How long the kernel may keep these attributes.
+
+        Not at all for a setuid or setgid file: the kernel writes passthrough files
+        without telling us, and such a write makes the store drop the bits, which the
+        kernel's cached mode would go on showing (these files are rare; each stat of
+        one costs a GETATTR)."""
+        if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            return 0.0
+        return self.options.attr_timeout
+
+    def _caller(self, req: Request, groups: bool = True) -> creds.Caller | None:
+        """The credentials a store call acts with for ``req`` (None: the daemon's own)."""
         if not self._as_root:
             return None
-        gid = -1 if parent_mode & stat.S_ISGID else req.gid  # setgid dirs pass on their group
-        return req.uid, gid
+        return creds.Caller(req.uid, req.gid, req.groups if groups else ())
 
     def _register(self, fd: int, st: os.stat_result, parent: Inode, name: bytes) -> Entry:
         inode = self.table.ref(fd, st, parent.ino, name)
         return self._entry(inode.ino, st)
 
     async def _make(self, parent_ino: int, name: bytes, req: Request,
-                    make: Callable[[int, bytes], None]) -> Entry:
-        """Create a node with ``make(dir_fd, name)``, give it to the caller, register it."""
+                    make: Callable[[int, bytes], None],
+                    made: Callable[[int, bytes, os.stat_result], bool]) -> Entry:
+        """Create a node with ``make(dir_fd, name)`` as the caller, register it.
+
+        ``made(dir_fd, name, st)``: whether the object found under the name is what
+        this request makes (a resent request the dead daemon did: resend.py)."""
         parent = self._dir(parent_ino, name)
         self._check_fd_budget()
 
+        caller = self._caller(req)
+
         def work() -> tuple[int, os.stat_result]:
-            parent_mode = os.fstat(parent.fd).st_mode
-            make(parent.fd, name)
-            fd, st = _open_path(parent.fd, name)
-            owner = self._owner_for(parent, req, parent_mode)
+            # As the caller: the store decides owner, group, setgid, default ACL and
+            # umask, and checks the directory, exactly as for a local mkdir or mknod.
             try:
-                if owner is not None:
-                    syscalls.chown_fd(fd, *owner)
-                    st = os.fstat(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, st
+                with creds.acting_as(caller, req.umask):
+                    make(parent.fd, name)
+            except FileExistsError:
+                if not req.resent:
+                    raise
+                fd, st = _open_path(parent.fd, name)
+                if not made(parent.fd, name, st):
+                    os.close(fd)
+                    raise
+                return fd, st
+            return _open_path(parent.fd, name)
 
         fd, st = await self.workers.run(work)
         return self._register(fd, st, parent, name)
@@ -353,18 +404,17 @@ class Passthrough(Operations):
         """
         node = handle.inode
         st_dev = st.st_dev
-        if handle.writable and _kills_privs(st.st_mode):
-            # With HANDLE_KILLPRIV_V2 the kernel leaves dropping setuid/setgid on a
-            # write to us, but it never tells us of a passthrough write: writers of
-            # such (rare) files are served by the daemon, which drops them.
-            return False
         if node.backing_id == 0:
             session = self.session
             if (session is None or not session.passthrough or self.passthrough_off
                     or node.cached_opens or st_dev in self._passthrough_off_dev):
                 return False
             try:
-                node.backing_id = session.backing_open(handle.fd)
+                # Registered without CAP_FSETID: the kernel does every passthrough write
+                # with these credentials, so a write drops setuid/setgid on the store
+                # (see creds.without_fsetid).
+                with creds.without_fsetid():
+                    node.backing_id = session.backing_open(handle.fd)
             except OSError as exc:
                 self._passthrough_failed(exc, st_dev)
                 return False
@@ -428,6 +478,8 @@ class Passthrough(Operations):
         self.files[fh] = handle
         if self.journal is not None:
             self.journal.file(fh, handle, self.file_kind(handle))
+        if self.keeper is not None:  # the holder pins the file should we die
+            self.keeper.keep(fh, handle.fd)
         return fh
 
     def _unregister_file(self, fh: int) -> OpenFile | None:
@@ -436,6 +488,8 @@ class Passthrough(Operations):
         handle = self.files.pop(fh, None)
         if handle is not None and self.journal is not None:
             self.journal.file_gone(fh)
+        if handle is not None and self.keeper is not None:
+            self.keeper.drop(fh)
         return handle
 
     def _adopt_dir(self, fh: int, fd: int, node: Inode) -> None:
@@ -512,36 +566,69 @@ class Passthrough(Operations):
     # ------------------------------------------------------------ namespace ops
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     req: Request) -> Entry:
-        return await self._make(parent, name, req, lambda d, n: os.mknod(n, mode, rdev, dir_fd=d))
+        def made(d: int, n: bytes, st: os.stat_result) -> bool:
+            return (resend.made_by_caller(st, req.uid, stat.S_IFMT(mode))
+                    and ((not stat.S_ISCHR(mode) and not stat.S_ISBLK(mode))
+                         or st.st_rdev == rdev))
+
+        return await self._make(parent, name, req,
+                                lambda d, n: os.mknod(n, mode, rdev, dir_fd=d), made)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, req: Request) -> Entry:
-        return await self._make(parent, name, req, lambda d, n: os.mkdir(n, mode, dir_fd=d))
+        def made(d: int, n: bytes, st: os.stat_result) -> bool:
+            return resend.made_by_caller(st, req.uid, stat.S_IFDIR) and _empty_dir(d, n)
+
+        return await self._make(parent, name, req,
+                                lambda d, n: os.mkdir(n, mode, dir_fd=d), made)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, req: Request) -> Entry:
+        def made(d: int, n: bytes, st: os.stat_result) -> bool:
+            return (resend.made_by_caller(st, req.uid, stat.S_IFLNK)
+                    and os.readlink(n, dir_fd=d) == target)
+
         return await self._make(parent, name, req,
-                                lambda d, n: os.symlink(target, n, dir_fd=d))
+                                lambda d, n: os.symlink(target, n, dir_fd=d), made)
 
     async def unlink(self, parent: int, name: bytes, req: Request) -> None:
         node = self._dir(parent, name)
 
-        def work() -> os.stat_result:
-            st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
-            os.unlink(name, dir_fd=node.fd)
+        def work() -> os.stat_result | None:
+            try:
+                st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+                os.unlink(name, dir_fd=node.fd)
+            except FileNotFoundError:
+                if req.resent:
+                    return None  # the dead daemon removed it (resend.py)
+                raise
             return st
 
-        self.unlinked(await self.workers.run(work))
+        st = await self.workers.run(work)
+        if st is not None:
+            self.unlinked(st)
 
     def unlinked(self, st: os.stat_result) -> None:
         """Hook: a name of the object ``st`` (stat before the unlink) was removed."""
 
     async def rmdir(self, parent: int, name: bytes, req: Request) -> None:
         node = self._dir(parent, name)
-        await self.workers.run(lambda: os.rmdir(name, dir_fd=node.fd))
+
+        def work() -> None:
+            try:
+                os.rmdir(name, dir_fd=node.fd)
+            except FileNotFoundError:
+                if not req.resent:  # else the dead daemon removed it (resend.py)
+                    raise
+
+        await self.workers.run(work)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int, req: Request) -> None:
         old = self._dir(parent, name)
         new = self._dir(new_parent, new_name)
+        # Resent: the object the kernel knew under the old name, or (when the dead daemon
+        # had also recorded the move) the one our table already has under the new name.
+        source = ((self.table.child(old.ino, name) or self.table.child(new.ino, new_name))
+                  if req.resent else None)
 
         def work() -> tuple[list[tuple[os.stat_result, Inode, bytes]], os.stat_result | None]:
             replaced = None
@@ -550,7 +637,16 @@ class Passthrough(Operations):
                     replaced = os.stat(new_name, dir_fd=new.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     pass
-            syscalls.renameat2(old.fd, name, new.fd, new_name, flags)
+            try:
+                syscalls.renameat2(old.fd, name, new.fd, new_name, flags)
+            except FileNotFoundError:
+                # Resent: done if the object the kernel knew under the old name is now
+                # under the new one (resend.py).
+                st = os.stat(new_name, dir_fd=new.fd, follow_symlinks=False)
+                if not (req.resent and source is not None
+                        and (st.st_dev, st.st_ino) == source.key):
+                    raise
+                replaced = None
             moved = [(new, new_name)]
             if flags & syscalls.RENAME_EXCHANGE:
                 moved.append((old, name))
@@ -573,7 +669,12 @@ class Passthrough(Operations):
         parent = self._dir(new_parent, new_name)
 
         def work() -> os.stat_result:
-            os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            try:
+                os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            except FileExistsError:
+                st = os.stat(new_name, dir_fd=parent.fd, follow_symlinks=False)
+                if not req.resent or (st.st_dev, st.st_ino) != node.key:
+                    raise  # else the dead daemon made this link (resend.py)
             return os.fstat(node.fd)
 
         st = await self.workers.run(work)
@@ -606,17 +707,27 @@ class Passthrough(Operations):
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      req: Request) -> tuple[Entry, Opened]:
         node = self._dir(parent, name)
-        oflags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_EXCL stays: a name that appeared since the kernel's lookup is opened only as
+        # the store lets the caller open it (or refused, EEXIST), never given away.
+        oflags = ((flags & ~(_STRIP_OPEN_FLAGS & ~os.O_EXCL)) | os.O_CREAT | os.O_NOFOLLOW
+                  | os.O_CLOEXEC)
+        caller = self._caller(req)
 
         def work() -> tuple[int, int, os.stat_result]:
-            parent_mode = os.fstat(node.fd).st_mode
-            fd = os.open(name, oflags, mode, dir_fd=node.fd)
+            with creds.acting_as(caller, req.umask):
+                try:
+                    fd = os.open(name, oflags, mode, dir_fd=node.fd)
+                except FileExistsError:
+                    # Resent: the dead daemon created it if the caller's empty file made
+                    # just now is there (resend.py); open that one.
+                    if not req.resent:
+                        raise
+                    st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+                    if not (resend.made_by_caller(st, req.uid, stat.S_IFREG)
+                            and st.st_size == 0):
+                        raise
+                    fd = os.open(name, oflags & ~(os.O_CREAT | os.O_EXCL), dir_fd=node.fd)
             try:
-                owner = self._owner_for(node, req, parent_mode)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                    if mode & stat.S_ISUID or (mode & stat.S_ISGID and owner[1] != -1):
-                        os.fchmod(fd, stat.S_IMODE(mode))  # chown cleared them
                 path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
                 return fd, path_fd, os.fstat(path_fd)
             except BaseException:
@@ -645,8 +756,8 @@ class Passthrough(Operations):
 
         def work() -> int:
             written = os.pwrite(handle.fd, data, offset)
-            if kill_suidgid:
-                _kill_suidgid(handle.fd)
+            if kill_suidgid and _kill_suidgid(handle.fd):
+                self._attrs_changed(handle.inode)
             return written
 
         written = await self.workers.run(work)
@@ -654,8 +765,44 @@ class Passthrough(Operations):
         self.daemon_io["write_bytes"] += written
         return written
 
-    async def flush(self, fh: int) -> None:
-        await self.workers.run(_flush, self.files[fh].fd)
+    async def flush(self, fh: int, lock_owner: int = 0) -> None:
+        handle = self.files[fh]
+        owners = handle.lock_owners
+        if lock_owner in owners:  # a POSIX owner closed a descriptor: its locks go
+            owners.discard(lock_owner)
+            if not owners:
+                await self.workers.run(locks.unlock_all, handle.fd)
+        await self.workers.run(_flush, handle.fd)
+
+    # ------------------------------------------------------------------ locks
+    async def getlk(self, fh: int, owner: int, lock: Lock) -> Lock:
+        handle = self.files[fh]
+        if lock.flock:  # flock() has no F_GETLK
+            return Lock(fcntl.F_UNLCK, lock.start, lock.end)
+        ltype, start, end, pid = await self.workers.run(locks.get, handle.fd, lock.type,
+                                                        lock.start, lock.end)
+        return Lock(ltype, start, end, pid)
+
+    async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """The lock on the store, through this open file's own descriptor (locks.py);
+        a wait polls (backing off to 50 ms) so that no worker thread is held by it."""
+        handle = self.files[fh]
+        if lock.type != fcntl.F_UNLCK and not lock.flock:
+            handle.lock_owners.add(owner)
+        delay = 0.001
+        while True:
+            try:
+                if lock.flock:
+                    await self.workers.run(locks.set_flock, handle.fd, lock.type)
+                else:
+                    await self.workers.run(locks.set_range, handle.fd, lock.type, lock.start,
+                                           lock.end)
+                return
+            except OSError as exc:
+                if not wait or exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def release(self, fh: int) -> None:
         handle = self._unregister_file(fh)
@@ -668,19 +815,52 @@ class Passthrough(Operations):
         handle = self.files[fh]
         await self.workers.run(os.fdatasync if datasync else os.fsync, handle.fd)
 
-    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int,
+                        req: Request) -> None:
         handle = self.files[fh]
-        await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
+        caller = self._caller(req, groups=False)
+
+        def work() -> None:
+            # As the caller: the store drops setuid/setgid as for the caller's own
+            # fallocate (root keeps them, as root does on the store).
+            with creds.acting_as(caller):
+                syscalls.fallocate(handle.fd, mode, offset, length)
+
+        await self.workers.run(self._mode_watched, handle, work)
+
+    def _mode_watched(self, handle: OpenFile, work: Callable[[], T]) -> T:
+        """``work()``, then the kernel's attributes of the handle's inode dropped if it
+        changed the mode (a write that cleared setuid/setgid). Worker thread."""
+        before = os.fstat(handle.fd).st_mode
+        result = work()
+        if os.fstat(handle.fd).st_mode != before:
+            self._attrs_changed(handle.inode)
+        return result
+
+    def _attrs_changed(self, node: Inode) -> None:
+        """Make the kernel fetch a node's attributes (and ACLs) again (worker thread).
+
+        The kernel keeps a mode for ``attr_timeout``; after the store changed it
+        behind a request that does not return attributes (setuid dropped by a
+        write, an ACL or system.* xattr set), it would go on showing the old one.
+        """
+        if self.session is not None:
+            self.session.notify_inval_inode(node.ino, -1, 0)  # offset -1: no page cache
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         handle = self.files[fh]
         return await self.workers.run(os.lseek, handle.fd, offset, whence)
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
-                              length: int, flags: int) -> int:
+                              length: int, flags: int, req: Request) -> int:
         src, dst = self.files[fh_in], self.files[fh_out]
-        return await self.workers.run(
-            lambda: os.copy_file_range(src.fd, dst.fd, length, off_in, off_out))
+        caller = self._caller(req, groups=False)
+
+        def work() -> int:
+            with creds.acting_as(caller):  # the store drops setuid/setgid as for the caller
+                return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+
+        return await self.workers.run(self._mode_watched, dst, work)
 
     # -------------------------------------------------------------- directories
     async def opendir(self, nodeid: int, req: Request) -> int:
@@ -780,15 +960,46 @@ class Passthrough(Operations):
     async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
                        req: Request) -> None:
         node = self._inode(nodeid)
-        node.no_caps_until = 0.0
-        await self.workers.run(lambda: os.setxattr(node.proc_path, name, value, flags))
+        node.no_caps_until = node.no_acl_until = 0.0
+        await self.workers.run(self._xattr_change, node, name, req,
+                               lambda: os.setxattr(node.proc_path, name, value, flags))
+
+    def _xattr_change(self, node: Inode, name: bytes, req: Request,
+                      change: Callable[[], None]) -> None:
+        """Set or remove an xattr with the checks the store would make (worker thread).
+
+        The kernel checks user.*, trusted.* and security.* names, and POSIX ACLs
+        (owner only), itself before it asks; the store then applies them as root. Other
+        system.* names (system.nfs4_acl, ...) reach us unchecked: the store must
+        decide, so they are changed as the caller (fsuid/fsgid, no capabilities).
+        """
+        if name in _ACL_XATTRS:
+            change()
+            if req.acl_kill_sgid and not node.is_symlink:
+                # The kernel found the caller outside the file's group (with all of
+                # its groups, which we do not have): setgid goes, as on the store.
+                mode = os.fstat(node.fd).st_mode
+                if mode & stat.S_ISGID:
+                    os.chmod(node.proc_path, stat.S_IMODE(mode) & ~stat.S_ISGID)
+            self._attrs_changed(node)
+        elif name.startswith(b"system."):
+            with creds.acting_as(self._caller(req, groups=False)):
+                change()
+            self._attrs_changed(node)
+        else:
+            change()
 
     def getxattr_now(self, nodeid: int, name: bytes) -> bytes | int | None:
         # The kernel asks for security.capability before writes (to drop file
-        # capabilities); a recent "none" is answered on the read loop.
+        # capabilities) and for the access ACL at permission checks (FUSE_POSIX_ACL);
+        # a recent "none" is answered on the read loop.
         if name == _CAPS_XATTR:
             node = self.table.get(nodeid)
             if node is not None and node.no_caps_until > time.monotonic():
+                return errno.ENODATA
+        elif name == _ACL_XATTRS[0]:
+            node = self.table.get(nodeid)
+            if node is not None and node.no_acl_until > time.monotonic():
                 return errno.ENODATA
         return None
 
@@ -799,6 +1010,12 @@ class Passthrough(Operations):
         except OSError as exc:
             if name == _CAPS_XATTR and exc.errno == errno.ENODATA:
                 node.no_caps_until = time.monotonic() + self.options.attr_timeout
+            if name in _ACL_XATTRS and exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                if name == _ACL_XATTRS[0]:
+                    node.no_acl_until = time.monotonic() + self.options.attr_timeout
+                # A store without ACLs: "no ACL", or the kernel (FUSE_POSIX_ACL) would
+                # fail every permission check on the mode bits with EOPNOTSUPP.
+                raise FuseError(errno.ENODATA) from None
             raise
         return value
 
@@ -816,8 +1033,9 @@ class Passthrough(Operations):
 
     async def removexattr(self, nodeid: int, name: bytes, req: Request) -> None:
         node = self._inode(nodeid)
-        node.no_caps_until = 0.0
-        await self.workers.run(os.removexattr, node.proc_path, name)
+        node.no_caps_until = node.no_acl_until = 0.0
+        await self.workers.run(self._xattr_change, node, name, req,
+                               lambda: os.removexattr(node.proc_path, name))
 
     async def access(self, nodeid: int, mask: int, req: Request) -> None:
         # With default_permissions (always on) the kernel decides access itself from

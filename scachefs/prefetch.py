@@ -22,12 +22,11 @@ import trio
 import xxhash
 
 from scachefs.chunkcache import ChunkCache, LayerBuffer
-from scachefs.traces import WorkingSet, plan_runs
+from scachefs.traces import Check, WorkingSet, prefetch_plan
 
 log = logging.getLogger(__name__)
 
 BUDGET_SHARE = 0.9  # pinned bytes may use at most this share of the budget
-GAP_BYTES = 128 << 10  # a gap this small between wanted chunks is read to save a request
 
 
 @dataclasses.dataclass
@@ -68,19 +67,47 @@ class Progress:
                 "error": self.error}
 
 
+def verify(cache: ChunkCache, buffer: LayerBuffer, check: Check) -> bool | None:
+    """Whether a byte range still has the digest a trace saw; None if not all resident.
+
+    For digests recorded at another chunk size than the cache's; synchronous (the
+    arena's chunks are only valid until the next await).
+    """
+    offset, length, digest = check
+    cs = cache.chunk_size
+    h = xxhash.xxh3_64()
+    got = 0
+    for index in range(offset // cs, (offset + length - 1) // cs + 1):
+        data = cache.peek(buffer, index)
+        if data is None:
+            return None
+        lo = max(offset - index * cs, 0)
+        hi = min(offset + length - index * cs, len(data))
+        if hi > lo:
+            h.update(memoryview(data)[lo:hi])
+            got += hi - lo
+    return got == length and h.intdigest() == digest
+
+
 async def prefetch(cache: ChunkCache, buffer: LayerBuffer, working_set: WorkingSet,
                    progress: Progress, *, path: str, workers: int = 4, rate: int = 0,
                    demand_waiting: Callable[[], int]) -> None:
     """Read a working set into the cache; updates ``progress`` as it goes."""
     cs = cache.chunk_size
-    runs = plan_runs(working_set.chunks, cs, buffer.size, max_bytes=cache.max_fill_bytes,
-                     max_gap=max(1, GAP_BYTES // cs))
+    runs = prefetch_plan(working_set.chunks, cs, buffer.size, max_bytes=cache.max_fill_bytes)
     wanted = set(working_set.chunks)
     cache.pin(buffer, wanted)
     start = time.monotonic()
     log.info("prefetch of %s started (%s): %d MiB in %d reads", path, progress.reason,
              progress.total_bytes >> 20, len(runs))
     queue = iter(runs)
+    digests, checks = working_set.digests, working_set.checks
+    pending: list[Check] = []
+
+    def stale(check: Check) -> None:
+        progress.stale_chunks += 1
+        offset, length, _ = check
+        cache.unpin(buffer, range(offset // cs, (offset + length - 1) // cs + 1))
     budget_limit = int(cache.budget_bytes * BUDGET_SHARE)
 
     async def worker() -> None:
@@ -104,11 +131,18 @@ async def prefetch(cache: ChunkCache, buffer: LayerBuffer, working_set: WorkingS
                 if data is None:
                     continue
                 progress.done_bytes += len(data)
-                if xxhash.xxh3_64_intdigest(data) != working_set.digests.get(chunk):
+                expected = digests.get(chunk)
+                if expected is not None and xxhash.xxh3_64_intdigest(data) != expected:
                     # The layer changed since the trace was recorded: the prediction is
                     # stale (the bytes in the cache are the store's, so they are right).
                     progress.stale_chunks += 1
                     cache.unpin(buffer, [chunk])
+                for check in checks.get(chunk, ()):  # digests taken at another chunk size
+                    verdict = verify(cache, buffer, check)
+                    if verdict is None:
+                        pending.append(check)  # a chunk it covers is still being read
+                    elif not verdict:
+                        stale(check)
             if progress.stale_chunks:
                 return  # stop: the trace is stale, a fresh boot will be recorded
             if rate > 0:  # bandwidth cap: never ahead of rate bytes/s
@@ -127,6 +161,9 @@ async def prefetch(cache: ChunkCache, buffer: LayerBuffer, working_set: WorkingS
         progress.error = getattr(exc, "strerror", None) or str(exc)
         log.warning("prefetch of %s failed: %s", path, progress.error)
     finally:
+        for check in pending:  # ranges whose chunks other workers were reading
+            if verify(cache, buffer, check) is False:
+                stale(check)
         progress.running = False
         progress.seconds = time.monotonic() - start
     if progress.stopped_at_budget:

@@ -2,23 +2,34 @@
 
 Reads the statistics document from the mount root's ``user.scachefs.stats``
 extended attribute (see :mod:`scachefs.control`) and prints it as a table,
-raw JSON (``--json``), Prometheus text (``--prometheus``) or a live view
-(``--watch``). Never hangs on a dead or stuck mount: every read has a timeout.
+raw JSON (``--json``), Prometheus text (``--prometheus``, or written atomically
+with ``--prometheus-file``) or a live view (``--watch``). Never hangs on a dead or
+stuck mount: every read has a timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
+import signal
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from scachefs.control import STATS_XATTR
 
+if TYPE_CHECKING:  # imported where used: the table and scachefs-trace do without it
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
 TIMEOUT = 5.0
+# The one documented place: node_exporter's textfile directory as Debian configures it.
+PROMETHEUS_FILE = "/var/lib/prometheus/node-exporter/scachefs.prom"
 
 
 class StatError(Exception):
@@ -176,92 +187,126 @@ def _daemon_line(doc: dict[str, Any]) -> str:
     return f"daemon   {when}; {path}"
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 # Per-layer metrics: (name, type, help, field of the layer in the stats document).
+# Counter names are given without ``_total``: the client library adds it.
 _LAYER_METRICS = (
     ("scachefs_layer_size_bytes", "gauge", "Size of the backing layer file.", "size"),
     ("scachefs_layer_open_handles", "gauge", "Open read handles (attached VMs).",
      "open_handles"),
     ("scachefs_layer_resident_bytes", "gauge", "Bytes of the layer in the cache.",
      "resident_bytes"),
-    ("scachefs_layer_served_bytes_total", "counter", "Bytes returned to readers.",
+    ("scachefs_layer_served_bytes", "counter", "Bytes returned to readers.",
      "served_bytes"),
-    ("scachefs_layer_hits_total", "counter", "Reads served from memory.", "hit_ops"),
-    ("scachefs_layer_misses_total", "counter", "Reads that waited for the store.", "miss_ops"),
-    ("scachefs_layer_store_read_bytes_total", "counter", "Bytes read from the store.",
+    ("scachefs_layer_hits", "counter", "Reads served from memory.", "hit_ops"),
+    ("scachefs_layer_misses", "counter", "Reads that waited for the store.", "miss_ops"),
+    ("scachefs_layer_store_read_bytes", "counter", "Bytes read from the store.",
      "store_bytes"),
-    ("scachefs_layer_store_reads_total", "counter", "Read requests sent to the store.",
+    ("scachefs_layer_store_reads", "counter", "Read requests sent to the store.",
      "store_reads"),
-    ("scachefs_layer_singleflight_joins_total", "counter",
+    ("scachefs_layer_singleflight_joins", "counter",
      "Reads that joined a store read already in flight.", "singleflight_joins"),
-    ("scachefs_layer_evictions_total", "counter", "Chunks evicted.", "evictions"),
-    ("scachefs_layer_identity_changes_total", "counter",
+    ("scachefs_layer_evictions", "counter", "Chunks evicted.", "evictions"),
+    ("scachefs_layer_identity_changes", "counter",
      "Times the layer changed on the store.", "identity_changes"),
 )
 
-
-def format_prometheus(doc: dict[str, Any]) -> str:
-    """Prometheus text exposition format (node_exporter textfile collector ready)."""
-    mp = _label(doc["mountpoint"])
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str,
-               samples: list[tuple[str, float]]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            out.append(f"{name}{{{labels}}} {value:.17g}")
-
-    base = f'mountpoint="{mp}"'
-    cache, totals = doc["cache"], doc["totals"]
-    metric("scachefs_up", "gauge", "1 if the mount answered.", [(base, 1)])
-    metric("scachefs_uptime_seconds", "gauge", "Seconds since the mount started.",
-           [(base, doc["uptime_seconds"])])
-    metric("scachefs_cache_budget_bytes", "gauge", "Memory budget of the layer cache.",
-           [(base, cache["budget_bytes"])])
-    metric("scachefs_cache_used_bytes", "gauge", "Bytes held by the layer cache.",
-           [(base, cache["used_bytes"])])
-    metric("scachefs_cache_pinned_bytes", "gauge", "Cached bytes pinned for boots.",
-           [(base, cache["pinned_bytes"])])
-    layers = doc["layers"]
-
-    def per_layer(field: str) -> list[tuple[str, float]]:
-        def value(layer: dict[str, Any]) -> float:
-            if field == "served_bytes":
-                return float(layer.get("hit_bytes", 0) + layer.get("miss_bytes", 0))
-            return float(layer.get(field, 0) or 0)
-
-        return [(f'{base},layer="{_label(str(layer["path"]))}"', value(layer))
-                for layer in layers]
-
-    for name, kind, help_text, field in _LAYER_METRICS:
-        metric(name, kind, help_text, per_layer(field))
-    metric("scachefs_store_read_errors_total", "counter", "Store reads that failed.",
-           [(base, totals["fill_errors"])])
-    # The request-size histogram, cumulative as Prometheus wants it.
-    hist = sorted((int(k), v) for k, v in totals["store_read_hist"].items())
-    name = "scachefs_store_read_size_bytes"
-    out.append(f"# HELP {name} Sizes of the reads sent to the store.")
-    out.append(f"# TYPE {name} histogram")
-    running = 0
-    for bound, count in hist:
-        running += count
-        out.append(f'{name}_bucket{{{base},le="{bound}"}} {running}')
-    out.append(f'{name}_bucket{{{base},le="+Inf"}} {running}')
-    out.append(f"{name}_sum{{{base}}} {totals['store_bytes']}")
-    out.append(f"{name}_count{{{base}}} {running}")
-    return "\n".join(out) + "\n"
+# Upper bounds of the store-read size histogram: always all of them, so that the set of
+# series never changes between scrapes. The daemon counts reads by size rounded up to a
+# power of two, so every count falls exactly into one of these (or only +Inf, above 16M).
+HISTOGRAM_BOUNDS = tuple(1 << bits for bits in range(12, 25))  # 4K .. 16M
 
 
-def watch(path: str, interval: float) -> int:
+class _Metrics:
+    """A prometheus_client collector over one stats document (None: the mount is down)."""
+
+    def __init__(self, mountpoint: str, doc: dict[str, Any] | None) -> None:
+        self.mountpoint = mountpoint
+        self.doc = doc
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        mp = self.doc["mountpoint"] if self.doc else self.mountpoint
+        up = GaugeMetricFamily("scachefs_up", "1 if the mount answered, 0 if it is dead, "
+                               "stuck or not mounted.", labels=["mountpoint"])
+        up.add_metric([mp], 1 if self.doc else 0)
+        yield up
+        if self.doc is None:
+            return
+        doc = self.doc
+        cache, totals = doc["cache"], doc["totals"]
+        for name, help_text, value in (
+                ("scachefs_uptime_seconds", "Seconds since the mount started.",
+                 doc["uptime_seconds"]),
+                ("scachefs_cache_budget_bytes", "Memory budget of the layer cache.",
+                 cache["budget_bytes"]),
+                ("scachefs_cache_used_bytes", "Bytes held by the layer cache.",
+                 cache["used_bytes"]),
+                ("scachefs_cache_pinned_bytes", "Cached bytes pinned for boots.",
+                 cache["pinned_bytes"])):
+            gauge = GaugeMetricFamily(name, help_text, labels=["mountpoint"])
+            gauge.add_metric([mp], float(value))
+            yield gauge
+        for name, kind, help_text, field in _LAYER_METRICS:
+            family: CounterMetricFamily | GaugeMetricFamily = (
+                CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, help_text, labels=["mountpoint", "layer"])
+            for layer in doc["layers"]:
+                if field == "served_bytes":
+                    value = float(layer.get("hit_bytes", 0) + layer.get("miss_bytes", 0))
+                else:
+                    value = float(layer.get(field, 0) or 0)
+                family.add_metric([mp, str(layer["path"])], value)
+            yield family
+        errors = CounterMetricFamily("scachefs_store_read_errors", "Store reads that failed.",
+                                     labels=["mountpoint"])
+        errors.add_metric([mp], float(totals["fill_errors"]))
+        yield errors
+        counts = {int(k): int(v) for k, v in totals["store_read_hist"].items()}
+        buckets: list[tuple[str, float]] = []
+        for bound in HISTOGRAM_BOUNDS:
+            buckets.append((str(bound), float(sum(v for k, v in counts.items() if k <= bound))))
+        buckets.append(("+Inf", float(sum(counts.values()))))
+        hist = HistogramMetricFamily("scachefs_store_read_size_bytes",
+                                     "Sizes of the reads sent to the store.",
+                                     labels=["mountpoint"])
+        hist.add_metric([mp], buckets, float(totals["store_bytes"]))
+        yield hist
+
+
+def _registry(mountpoint: str, doc: dict[str, Any] | None) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Metrics(mountpoint, doc))
+    return registry
+
+
+def format_prometheus(doc: dict[str, Any] | None, mountpoint: str = "") -> str:
+    """Prometheus text exposition format; ``doc`` None reports the mount down."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(_registry(mountpoint, doc)).decode()
+
+
+def write_prometheus_file(path: str, doc: dict[str, Any] | None, mountpoint: str) -> None:
+    """Write the metrics to ``path`` atomically (a temporary file renamed over it), so that
+    node_exporter's textfile collector never reads a half-written or empty file."""
+    from prometheus_client import write_to_textfile
+
+    write_to_textfile(path, _registry(mountpoint, doc))
+
+
+def watch(path: str, interval: float, timeout: float = TIMEOUT) -> int:
     """Refresh the table every ``interval`` seconds until interrupted."""
     try:
         while True:
             try:
-                text = format_table(read_stats(path), bars=True)
+                text = format_table(read_stats(path, timeout), bars=True)
             except StatError as exc:
                 text = f"scachefs-stat: {exc}"
             sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") +
@@ -273,6 +318,13 @@ def watch(path: str, interval: float) -> int:
         return 0
 
 
+NO_HOLDER = ("{path} was mounted with -o restart=off: one process serves it and there is "
+             "no holder to start a new daemon and hand the mount over to it. To run the "
+             "scachefs now installed, stop what uses the mount, unmount it and mount it "
+             "again (drop restart=off, the default restart=on makes later upgrades "
+             "possible without interrupting the VMs)")
+
+
 def upgrade(path: str, timeout: float) -> int:
     """Ask the holder of a mount for a new daemon; wait until it serves."""
     try:
@@ -282,7 +334,14 @@ def upgrade(path: str, timeout: float) -> int:
         print(f"scachefs-stat: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"scachefs-stat: upgrade refused: {exc.strerror}", file=sys.stderr)
+        if exc.errno == errno.EOPNOTSUPP:
+            print("scachefs-stat: upgrade refused: " + NO_HOLDER.format(path=path),
+                  file=sys.stderr)
+        elif exc.errno in (errno.EPERM, errno.EACCES):
+            print(f"scachefs-stat: upgrade refused: {exc.strerror} (only root and the "
+                  "user who mounted it may upgrade a mount)", file=sys.stderr)
+        else:
+            print(f"scachefs-stat: upgrade refused: {exc.strerror}", file=sys.stderr)
         return 1
     started = time.monotonic()
     deadline = started + max(timeout, 30.0)
@@ -302,45 +361,111 @@ def upgrade(path: str, timeout: float) -> int:
     return 1
 
 
+MIN_INTERVAL = 0.1
+WATCH_DEFAULT = 2.0
+
+
+def _seconds(text: str, what: str, low: float) -> float:
+    """A positive, finite number of seconds, at least ``low``; ArgumentTypeError if not."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, "
+                                         f"not {text!r}") from None
+    if not math.isfinite(value) or value < low:
+        raise argparse.ArgumentTypeError(f"{what} must be at least {low:g} seconds, "
+                                         f"not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scachefs-stat",
+        usage="%(prog)s [--json | --prometheus | --prometheus-file PATH | --upgrade | "
+        "--watch [SECONDS]] [--timeout SECONDS] MOUNTPOINT",
         description="Show what a live scachefs mount is doing: per backing layer, the VMs "
-        "attached, cached bytes, hit ratio, bytes served vs read from the store, and totals.")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a scachefs mount point")
+        "attached, cached bytes, hit ratio, bytes served vs read from the store, and totals.",
+        epilog="Prometheus: scachefs_up is 0 when the mount is dead, stuck or not mounted; "
+        "the metrics are still written and the exit status is 0 (1 only when they could "
+        "not be written). Other modes exit 1 when the mount does not answer.")
+    # Optional, so that `--watch MNT` (the value is then the mount point) parses too.
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                        help="a scachefs mount point")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_true", help="print the raw JSON document")
     mode.add_argument("--prometheus", action="store_true",
-                      help="print Prometheus text format (for node_exporter's textfile "
-                      "collector)")
-    mode.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
-                      help="refresh the table every SECONDS (default 2) until Ctrl-C")
+                      help="print Prometheus text format; a dead mount is reported as "
+                      "scachefs_up 0")
+    mode.add_argument("--prometheus-file", metavar="PATH",
+                      help="write Prometheus text format to PATH atomically (temporary "
+                      "file, then rename), for node_exporter's textfile collector: e.g. "
+                      f"{PROMETHEUS_FILE}")
+    mode.add_argument("--watch", nargs="?", const="", metavar="SECONDS",
+                      help=f"refresh the table every SECONDS (default {WATCH_DEFAULT:g}, at "
+                      f"least {MIN_INTERVAL:g}) until Ctrl-C")
     mode.add_argument("--upgrade", action="store_true",
                       help="hand the mount over to a new daemon (the scachefs code now "
                       "installed) without interrupting the VMs; waits until it serves "
-                      "(root or the mount's owner)")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                      "(root or the mount's owner; not for restart=off mounts)")
+    parser.add_argument("--timeout", type=lambda text: _seconds(text, "--timeout", 0.001),
+                        default=TIMEOUT, metavar="SECONDS",
                         help=f"give up on an unresponsive mount after this many seconds "
                         f"(default {TIMEOUT:g})")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``--watch`` takes an optional number of seconds that never
+    takes the mount point's place (``--watch MNT``, ``--watch 5 MNT``, ``MNT --watch 5``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.interval = None
     if args.watch is not None:
-        return watch(args.mountpoint, max(0.2, args.watch))
+        value = args.watch
+        if args.mountpoint is None and value:
+            args.mountpoint, value = value, ""  # `--watch MNT`: the only argument is MNT
+        try:
+            args.interval = (_seconds(value, "--watch", MIN_INTERVAL) if value
+                             else WATCH_DEFAULT)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    if args.mountpoint is None:
+        parser.error("the following arguments are required: MOUNTPOINT")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # As a command: die quietly of SIGPIPE like other tools when the reader of our
+        # output goes away (`scachefs-stat MNT | head -2`), not with a BrokenPipeError.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = parse_args(argv)
+    if args.interval is not None:
+        return watch(args.mountpoint, args.interval, args.timeout)
     if args.upgrade:
         return upgrade(args.mountpoint, args.timeout)
+    doc: dict[str, Any] | None
     try:
         doc = read_stats(args.mountpoint, args.timeout)
     except StatError as exc:
         print(f"scachefs-stat: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(doc, indent=2))
+        if not (args.prometheus or args.prometheus_file):
+            return 1
+        doc = None  # reported as scachefs_up 0
+    if args.prometheus_file:
+        try:
+            write_prometheus_file(args.prometheus_file, doc, os.path.abspath(args.mountpoint))
+        except OSError as exc:
+            print(f"scachefs-stat: cannot write {args.prometheus_file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
     elif args.prometheus:
-        sys.stdout.write(format_prometheus(doc))
+        sys.stdout.write(format_prometheus(doc, os.path.abspath(args.mountpoint)))
+    elif args.json:
+        print(json.dumps(doc, indent=2))
     else:
+        assert doc is not None
         print(format_table(doc))
     return 0
 

@@ -31,10 +31,13 @@ from collections.abc import Iterator
 
 import xxhash
 
+from scachefs import crashpoints
+
 MAGIC = b"SCSTATE1"
 HEADER_SIZE = 4096
 REGION_SIZE = 256 << 20  # sparse: only written pages take memory
-COMPACT_AT = 8 << 20  # compact once the active log holds this many bytes ...
+# compact once the active log holds this many bytes (tests may lower it) ...
+COMPACT_AT = int(os.environ.get("SCACHEFS_COMPACT_AT", 8 << 20))
 COMPACT_RATIO = 4  # ... and is this many times the size of a snapshot
 
 # header: magic, version, active region, generation, restarts, proto_minor, flags,
@@ -193,7 +196,7 @@ class StateLog:
 
     def needs_compaction(self) -> bool:
         return (self._end > COMPACT_AT
-                and self._end > COMPACT_RATIO * max(self._snapshot_bytes, 1 << 16))
+                and self._end > COMPACT_RATIO * max(self._snapshot_bytes, min(COMPACT_AT, 1 << 16)))
 
     def compact(self, records: list[tuple[int, bytes]]) -> None:
         """Write the live tables to the other region, then make it the active one."""
@@ -202,9 +205,15 @@ class StateLog:
         cause = self.cause()
         other = 1 - self._active
         self._snapshot_bytes = self._write_region(other, self._epoch + 1, records)
+        crashpoints.reached("compact")  # the new region is written, not yet the active one
         self._write_header(active=other, generation=generation, restarts=restarts,
                            proto_minor=minor, flags=flags, passthrough=bool(passthrough),
                            next_fh=next_fh, restart_ns=restart_ns, cause=cause)
+
+    def invalidate(self) -> None:
+        """Mark the state unusable: a successor then lets the connection go (ENOTCONN)
+        instead of restoring tables that miss a change."""
+        self._map[:8] = b"\0" * 8
 
     def cause(self) -> str:
         length = _HEADER.unpack_from(self._map, 0)[-1]
@@ -260,7 +269,13 @@ class StateLog:
                     raise StateError(f"unknown state record type {kind}")
         except struct.error as exc:
             raise StateError(f"malformed state record: {exc}") from None
-        self._snapshot_bytes = self._end
+        # What a compaction would write now: the live tables, not the log just replayed
+        # (which would let the threshold grow with every takeover).
+        self._snapshot_bytes = _REGION_HEAD.size + sum(
+            _RECORD.size + len(payload) + _CHECK.size for _, payload in (
+                *(node_record(n) for n in nodes.values()),
+                *(file_record(f) for f in files.values()),
+                *(dir_record(fh, nodeid) for fh, nodeid in dirs.items())))
         return Snapshot(int(generation), int(restarts), int(minor), int(flags),
                         bool(passthrough), int(next_fh), int(restart_ns), self.cause(),
                         nodes, files, dirs)

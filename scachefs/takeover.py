@@ -18,9 +18,9 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from scachefs import state, syscalls
+from scachefs import crashpoints, state, syscalls
 from scachefs.inodes import ROOT_INODE, Inode
-from scachefs.state import FileRecord, NodeRecord, Snapshot, StateLog
+from scachefs.state import FileRecord, NodeRecord, Snapshot, StateError, StateLog
 
 if TYPE_CHECKING:
     from scachefs.passthrough import OpenFile, Passthrough
@@ -42,6 +42,30 @@ class Journal:
     def __init__(self, log_: StateLog) -> None:
         self.log = log_
         self.fh_mark = 0
+        self.fs: Passthrough | None = None  # whose tables a compaction writes
+        self.failed = False  # the state could not keep up: a successor cannot take over
+
+    def _append(self, kind: int, payload: bytes) -> None:
+        """Append a record; a full region is compacted at once, never an error for the
+        request that wrote it."""
+        if self.failed:
+            return
+        crashpoints.reached("journal-before")
+        try:
+            self.log.append(kind, payload)
+            crashpoints.reached("journal-after")
+            return
+        except StateError:
+            pass
+        try:
+            if self.fs is not None:
+                self.compact(self.fs)
+            self.log.append(kind, payload)  # a record of the live tables: replay is idempotent
+        except StateError as exc:
+            self.failed = True
+            self.log.invalidate()
+            log.error("the state log is full even after compaction (%s): a restart of the "
+                      "daemon will end this mount instead of taking it over", exc)
 
     def node(self, inode: Inode) -> None:
         if inode.handle is None:
@@ -49,35 +73,38 @@ class Journal:
                 inode.handle = syscalls.file_handle(inode.fd)  # in memory: no store I/O
             except OSError:
                 inode.handle = b""  # the store has none: restored by path
-        self.log.append(*state.node_record(NodeRecord(
+        self._append(*state.node_record(NodeRecord(
             inode.ino, inode.parent, inode.nlookup, inode.mode, inode.key[0], inode.key[1],
             inode.name, inode.handle)))
 
     def node_gone(self, ino: int) -> None:
-        self.log.append(*state.gone(state.NODE_GONE, ino))
+        self._append(*state.gone(state.NODE_GONE, ino))
 
     def file(self, fh: int, handle: OpenFile, kind: int) -> None:
-        self.log.append(*state.file_record(FileRecord(fh, handle.inode.ino, handle.flags, kind,
+        self._append(*state.file_record(FileRecord(fh, handle.inode.ino, handle.flags, kind,
                                                       handle.backing_id)))
         if fh >= self.fh_mark:
             self.fh_mark = fh + FH_STEP
             self.log.set_next_fh(self.fh_mark)
 
     def file_gone(self, fh: int) -> None:
-        self.log.append(*state.gone(state.FILE_GONE, fh))
+        self._append(*state.gone(state.FILE_GONE, fh))
 
     def dir(self, fh: int, inode: Inode) -> None:
-        self.log.append(*state.dir_record(fh, inode.ino))
+        self._append(*state.dir_record(fh, inode.ino))
         if fh >= self.fh_mark:
             self.fh_mark = fh + FH_STEP
             self.log.set_next_fh(self.fh_mark)
 
     def dir_gone(self, fh: int) -> None:
-        self.log.append(*state.gone(state.DIR_GONE, fh))
+        self._append(*state.gone(state.DIR_GONE, fh))
 
     def compact_if_needed(self, fs: Passthrough) -> None:
-        if not self.log.needs_compaction():
-            return
+        if not self.failed and self.log.needs_compaction():
+            self.compact(fs)
+
+    def compact(self, fs: Passthrough) -> None:
+        """Write the live tables as the new log (StateError if they do not fit)."""
         records: list[tuple[int, bytes]] = []
         for inode in fs.table:
             records.append(state.node_record(NodeRecord(
@@ -126,8 +153,27 @@ def _open_node(rec: NodeRecord, root_rd: int, parent: Inode | None) -> int | Non
     return fd
 
 
-def restore(fs: Passthrough, snap: Snapshot) -> Restored:
-    """Rebuild ``fs``'s tables from a snapshot (blocking: run it in a worker thread)."""
+def _node_of_kept_file(rec: NodeRecord, snap: Snapshot, kept: dict[int, int]) -> int | None:
+    """An O_PATH descriptor of a node that is gone from the store's namespace but kept
+    open by the holder (deleted or replaced while open), or None."""
+    for fh, frec in snap.files.items():
+        fd = kept.get(fh)
+        if frec.nodeid != rec.nodeid or fd is None:
+            continue
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (rec.dev, rec.ino):
+            return os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+    return None
+
+
+def restore(fs: Passthrough, snap: Snapshot, kept: dict[int, int] | None = None) -> Restored:
+    """Rebuild ``fs``'s tables from a snapshot (blocking: run it in a worker thread).
+
+    ``kept``: the holder's copies of the open files' descriptors, by fh (keeper.py).
+    An open file uses its copy (taken from ``kept``), so a file deleted or replaced
+    on the store while open is still the same file, and so is its node.
+    """
+    kept = {} if kept is None else kept
     done = Restored()
     root_rd = os.open(fs.table.root.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -147,6 +193,8 @@ def restore(fs: Passthrough, snap: Snapshot) -> Restored:
                 progress = True
                 fd = _open_node(rec, root_rd, parent)
                 if fd is None:
+                    fd = _node_of_kept_file(rec, snap, kept)
+                if fd is None:
                     done.lost_nodes += 1
                     continue
                 inode = Inode(rec.nodeid, fd, (rec.dev, rec.ino), stat.S_IFMT(rec.mode),
@@ -157,10 +205,15 @@ def restore(fs: Passthrough, snap: Snapshot) -> Restored:
         done.lost_nodes += len(pending)
         for fh, frec in sorted(snap.files.items()):
             node = fs.table.get(frec.nodeid)
+            fd = kept.pop(fh, None)
+            if node is None:
+                if fd is not None:
+                    os.close(fd)
+                done.lost_files += 1
+                continue
             try:
-                if node is None:
-                    raise OSError("its node is gone")
-                fd = os.open(node.proc_path, (frec.flags & ~_REOPEN_STRIP) | os.O_CLOEXEC)
+                if fd is None:
+                    fd = os.open(node.proc_path, (frec.flags & ~_REOPEN_STRIP) | os.O_CLOEXEC)
             except OSError:
                 done.lost_files += 1
                 continue

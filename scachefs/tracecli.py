@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 from scachefs import traces
 from scachefs.control import COMMAND_XATTR
+from scachefs.options import MountOptions, parse_size
 from scachefs.stat import StatError, bar, find_mount, human, read_stats
 
 
@@ -34,6 +36,7 @@ class Place:
     store: Path  # the store's directory (or the daemon's descriptor of it)
     traces: Path  # the trace directory
     via_mount: str | None = None  # the mount point the user named, if any
+    chunk_size: int | None = None  # the mount's chunk size, if a mount was named
 
 
 def _daemon_fd(pid: int, path: str) -> Path | None:
@@ -88,9 +91,38 @@ def place(args: argparse.Namespace) -> Place:
         else:  # a daemon older than the trace_dir field: the default place
             trace_path = os.path.join(doc["source"], ".scache", "traces")
         return Place(_reach(doc["source"], doc, "store"),
-                     _reach(trace_path, doc, "trace directory"), target)
+                     _reach(trace_path, doc, "trace directory"), target,
+                     (doc.get("cache") or {}).get("chunk_size"))
     store = Path(target)
     return Place(store, Path(args.trace_dir) if args.trace_dir else store / ".scache" / "traces")
+
+
+def chunk_size_of(args: argparse.Namespace, where: Place) -> int:
+    """The chunk size working sets are shown at: --chunk-size, the mount's, or the default."""
+    if getattr(args, "chunk_size", None):
+        return int(args.chunk_size)
+    return where.chunk_size or MountOptions().chunk_size
+
+
+def _chunk_size_arg(text: str) -> int:
+    try:
+        size = parse_size(text, "--chunk-size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 4096 or size > (1 << 20) or size & (size - 1):
+        raise argparse.ArgumentTypeError("a power of two from 4K to 1M")
+    return size
+
+
+def size_k(size: int) -> str:
+    """A chunk size, short: 16K, 64K, 1M."""
+    return f"{size >> 20}M" if size >= 1 << 20 else f"{size >> 10}K"
+
+
+def recorded_at(sizes: list[int], chunk_size: int) -> str:
+    """The chunk sizes traces were recorded at, and what they are shown at if it differs."""
+    text = "/".join(size_k(cs) for cs in sizes)
+    return text if sizes == [chunk_size] else f"{text} as {size_k(chunk_size)}"
 
 
 def layer_paths(store: Path) -> dict[int, str]:
@@ -176,23 +208,30 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     by_key, problems = load_all(directory)
     inodes = layer_paths(where.store) if any(k.startswith("ino-") for k in by_key) else None
+    cs = chunk_size_of(args, where)
     rows: list[dict[str, Any]] = []
     for key, files in sorted(by_key.items()):
-        boots = [b for f in files for b in f.boots]
-        ws = traces.merge(files, files[0].layer, files[0].chunk_size)
-        last = max((b.started for b in boots), default=0)
+        ws = traces.merge(files, files[0].layer, cs)
+        # The same boot in two files (imported twice, or back) is one boot.
+        boots = {traces.boot_key(b, f.chunk_size): b for f in files for b in f.boots}
+        last = max((b.started for b in boots.values()), default=0)
+        sizes = sorted({f.chunk_size for f in files})
         rows.append({"layer": _name(where, key, files, inodes), "key": key,
                      "format": files[0].version, "boots": len(boots),
                      "merged_bytes": ws.bytes if ws else 0,
                      "chunks": len(ws.chunks) if ws else 0,
+                     "chunk_size": cs, "recorded_chunk_sizes": sizes,
+                     "converted_boots": ws.converted if ws else 0,
                      "hosts": sorted({f.host for f in files}),
                      "last_recorded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))})
     if args.json:
         print(json.dumps({"traces": rows, "rejected": problems}, indent=2))
         return 0
-    print(f"{'LAYER':<32} {'BOOTS':>5} {'MERGED':>8} {'LAST RECORDED':<19}  HOSTS")
+    print(f"{'LAYER':<32} {'BOOTS':>5} {'MERGED':>8} {'CHUNKS':<14} {'LAST RECORDED':<19}  "
+          "HOSTS")
     for row in rows:
         print(f"{row['layer']:<32} {row['boots']:>5} {human(row['merged_bytes']):>8} "
+              f"{recorded_at(row['recorded_chunk_sizes'], cs):<14} "
               f"{row['last_recorded']:<19}  {', '.join(row['hosts'])}")
     if not rows:
         print("(no traces)")
@@ -219,10 +258,11 @@ def _decode(path: Path, layer: traces.LayerId) -> traces.TraceFile:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _, layer, paths = _files_of(args)
+    where, layer, paths = _files_of(args)
     if not paths:
         print(f"no trace of {args.layer} (fingerprint {layer.hex})")
         return 1
+    cs = chunk_size_of(args, where)
     files = []
     for path in paths:
         try:
@@ -233,7 +273,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         files.append(trace)
         state = "current" if trace.layer.same_version(layer) else (
             "format 1" if trace.version == 1 else "recorded on another version")
-        print(f"{path.name}: host {trace.host}, chunk size {human(trace.chunk_size)}, layer "
+        grain = size_k(trace.chunk_size) + (
+            f" (converted to {size_k(cs)})" if trace.chunk_size != cs else "")
+        print(f"{path.name}: host {trace.host}, chunk size {grain}, layer "
               f"size {human(trace.layer.size)}, {len(trace.boots)} boots ({state})")
         for boot in trace.boots:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(boot.started))
@@ -241,22 +283,103 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {when}  {boot.requests:>6} reads  {len(boot.chunks):>6} chunks "
                   f"({size})  {boot.duration_ms / 1000:.1f} s")
     if files:
-        ws = traces.merge(files, layer, files[0].chunk_size)
+        ws = traces.merge(files, layer, cs)
         if ws:
-            runs = traces.plan_runs(ws.chunks, ws.chunk_size, layer.size)
-            print(f"working set: {len(ws.chunks)} chunks ({human(ws.bytes)}) from {ws.boots} "
-                  f"boots on {ws.hosts} hosts, prefetched in {len(runs)} reads")
+            runs = traces.prefetch_plan(ws.chunks, ws.chunk_size, layer.size)
+            others = "/".join(size_k(size) for size in ws.chunk_sizes if size != cs)
+            converted = (f" ({ws.converted} converted from {others} chunks)"
+                         if ws.converted else "")
+            print(f"working set: {len(ws.chunks)} chunks of {size_k(cs)} ({human(ws.bytes)}) "
+                  f"from {ws.boots} boots{converted} on {ws.hosts} hosts, prefetched in "
+                  f"{len(runs)} reads")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _, layer, paths = _files_of(args)
+    where, layer, paths = _files_of(args)
     for path in paths:
         path.unlink()
         print(f"deleted {path}")
     if not paths:
         print(f"no trace of {args.layer} (fingerprint {layer.hex})")
+    notify_mounts(where.traces, where.store)
     return 0
+
+
+def scachefs_mounts() -> list[tuple[str, str]]:
+    """(mount point, source) of this machine's scachefs mounts, from mountinfo (no I/O on
+    the mounts themselves: one of them may be hung)."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "fuse.scachefs":
+                found.append((fields[4].encode().decode("unicode_escape"),
+                              fields[sep + 2].encode().decode("unicode_escape")))
+    return found
+
+
+def _path_string(path: Path) -> str:
+    """A path as mountinfo spells it, without touching the file system (a /proc fd link is
+    read: it names the store a mount over it hides)."""
+    text = str(path)
+    if text.startswith("/proc/"):
+        try:
+            return os.readlink(text)
+        except OSError:
+            return text
+    return os.path.abspath(text)
+
+
+def _tell(mountpoint: str, target: os.stat_result) -> str | None:
+    """Ask one mount to read its traces again if they are in ``target``; what happened."""
+    try:
+        doc = read_stats(mountpoint)
+        if not doc.get("trace_dir"):
+            return None
+        st = _reach(doc["trace_dir"], doc, "trace directory").stat()
+    except (StatError, OSError, SystemExit):
+        return None
+    if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+        return None
+    try:
+        os.setxattr(mountpoint, COMMAND_XATTR, json.dumps({"action": "reload_traces"}).encode())
+    except OSError as exc:
+        return f"could not tell the mount at {mountpoint} ({exc.strerror})"
+    return "told"
+
+
+def notify_mounts(directory: Path, store: Path) -> list[str]:
+    """Tell this machine's live mounts of ``store`` that keep their traces in ``directory``
+    to read them again.
+
+    A mount that is not told (another user's, another store's with the same
+    trace_dir, another host's, a daemon that does not answer within 5 s) notices
+    the change by itself within seconds: it watches its trace directory.
+    """
+    try:
+        target = directory.stat()
+    except OSError:
+        return []
+    source = _path_string(store)
+    told = []
+    for mountpoint, mount_source in scachefs_mounts():
+        if os.path.abspath(mount_source) != source:
+            continue
+        result: list[str | None] = []
+        thread = threading.Thread(target=lambda m, out: out.append(_tell(m, target)),
+                                  args=(mountpoint, result), daemon=True)
+        thread.start()
+        thread.join(5)
+        outcome = result[0] if result else f"the mount at {mountpoint} did not answer"
+        if outcome == "told":
+            told.append(mountpoint)
+            print(f"the mount at {mountpoint} read the traces again")
+        elif outcome:
+            print(f"scachefs-trace: note: {outcome}; it notices the change within seconds",
+                  file=sys.stderr)
+    return told
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -293,18 +416,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     if trace.layer.fingerprint and trace.layer.fingerprint != layer.fingerprint:
         print(f"scachefs-trace: note: {args.layer} differs from the exported layer (another "
               "fingerprint); its chunk digests will show what still matches", file=sys.stderr)
-    # Re-key to this store's copy of the layer; the chunk digests still vouch for the
-    # content, so a copy that differs is caught chunk by chunk at prefetch.
-    trace.layer, trace.version = layer, traces.VERSION
-    trace.path = os.path.relpath(layer_file(where, args.layer), where.store)
     directory = where.traces
     directory.mkdir(parents=True, exist_ok=True)
+    host = f"import-{args.host}"
+    # Idempotent: boots the store already has for this layer (under any host: an
+    # import of a boot it exported itself, or the same file twice) are not added again.
+    known: set[tuple[object, ...]] = set()
+    same: traces.TraceFile | None = None
+    for path in sorted(directory.glob(f"fp-{layer.hex}.*{traces.SUFFIX}")):
+        try:
+            existing = _decode(path, layer)
+        except (traces.TraceError, OSError):
+            continue
+        known.update(traces.boot_key(b, existing.chunk_size) for b in existing.boots)
+        if path.name == traces.file_name(layer.fingerprint, host).decode():
+            same = existing
+    new = [b for b in trace.boots if traces.boot_key(b, trace.chunk_size) not in known]
+    if not new:
+        print(f"nothing to import: the store already has the {len(trace.boots)} boots of "
+              f"{args.input} for {args.layer}")
+        notify_mounts(directory, where.store)
+        return 0
+    boots = new
+    if same is not None and same.chunk_size == trace.chunk_size:
+        boots = sorted(same.boots + new, key=lambda b: b.started)
+    elif same is not None:
+        print(f"scachefs-trace: note: replacing the {len(same.boots)} boots imported as {host} "
+              f"at {human(same.chunk_size)} chunks", file=sys.stderr)
+    # Re-keyed to this store's copy of the layer; the chunk digests still vouch for the
+    # content, so a copy that differs is caught chunk by chunk at prefetch.
+    out = traces.TraceFile(layer, trace.chunk_size, host,
+                           boots[-traces.MAX_BOOTS_PER_FILE:],
+                           os.path.relpath(layer_file(where, args.layer), where.store))
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        name = traces.TraceStore(fd, f"import-{args.host}").save(trace)
+        name = traces.TraceStore(fd, host).save(out)
     finally:
         os.close(fd)
-    print(f"imported {len(trace.boots)} boots for {args.layer} as {directory / name}")
+    skipped = len(trace.boots) - len(new)
+    print(f"imported {len(new)} boots for {args.layer} as host {host} in {directory / name}"
+          + (f" ({skipped} the store already had)" if skipped else ""))
+    notify_mounts(directory, where.store)
     return 0
 
 
@@ -365,11 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trace-dir", help="the trace directory (default STORE/.scache/traces)")
         return p
 
-    p = store_cmd("list", "list the traces: layer, boots merged, bytes, last recorded, hosts")
+    chunk_help = ("show working sets at this chunk size (default: the mount's, or 16K for "
+                  "a store); traces recorded at another are converted")
+    p = store_cmd("list", "list the traces: layer, boots merged, bytes, chunk sizes, last "
+                  "recorded, hosts")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--chunk-size", type=_chunk_size_arg, metavar="SIZE", help=chunk_help)
     p.set_defaults(func=cmd_list)
     p = store_cmd("show", "show the boots and working set of one layer's traces")
     p.add_argument("layer", metavar="LAYER", help="the layer, as a path in the store")
+    p.add_argument("--chunk-size", type=_chunk_size_arg, metavar="SIZE", help=chunk_help)
     p.set_defaults(func=cmd_show)
     p = store_cmd("delete", "delete every host's traces of a layer (it is recorded afresh)")
     p.add_argument("layer", metavar="LAYER")
@@ -381,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = store_cmd("import", "add an exported trace for a layer of this store")
     p.add_argument("layer", metavar="LAYER")
     p.add_argument("input", metavar="FILE")
-    p.add_argument("--host", default=socket.gethostname(), help="name part of the new file")
+    p.add_argument("--host", default=socket.gethostname(),
+                   help="keep the boots as host import-HOST (the file's name and the host "
+                   "list and show report; default: this machine's name)")
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("warm", help="prefetch a layer of a live mount now, with progress")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -123,6 +123,12 @@ class Boot:
     chunks: list[tuple[int, int, int]]  # (chunk index, first access ms, xxh3_64 digest)
 
 
+def boot_key(boot: Boot, chunk_size: int) -> tuple[object, ...]:
+    """What makes two boots the same boot (an import of a boot the store already has)."""
+    return (chunk_size, boot.started, boot.duration_ms, boot.requests, boot.bytes,
+            tuple(chunk for chunk, _, _ in boot.chunks))
+
+
 @dataclasses.dataclass
 class TraceFile:
     """The boots of one host on one layer."""
@@ -302,16 +308,29 @@ def decode(data: bytes, *, fingerprint: bytes | None = None,
                      path, version)
 
 
+Check = tuple[int, int, int]  # (offset, length, xxh3_64 digest) of a byte range of the layer
+
+
 @dataclasses.dataclass
 class WorkingSet:
-    """The merged prediction of what the next boot reads, in first-access order."""
+    """The merged prediction of what the next boot reads, in first-access order.
+
+    Its chunks are the mount's; boots recorded at another chunk size are converted
+    (a trace is a set of byte ranges). Their digests cover the chunks they were
+    recorded at, so they are checked as byte ranges: ``checks`` holds them under
+    the last of the working set's chunks each range touches.
+    """
 
     chunk_size: int
     chunks: list[int]  # chunk indices, earliest first access first
     digests: dict[int, int]  # chunk index -> digest the most recent boot saw
     boots: int  # boots merged
     hosts: int
-    current: bool  # True if some trace was recorded on the layer as it is now
+    current: bool  # True if some trace was recorded on the layer as it is now, at chunk_size
+    checks: dict[int, list[Check]] = dataclasses.field(default_factory=dict)
+    converted: int = 0  # boots merged that were recorded at another chunk size
+    chunk_sizes: list[int] = dataclasses.field(default_factory=list)  # recorded at
+    same_version: bool = False  # merged from boots of the layer as it is now (any chunk size)
 
     @property
     def bytes(self) -> int:
@@ -328,19 +347,45 @@ def min_boots_for(boots: int) -> int:
     return 1 if boots < 4 else math.ceil(boots / 4)
 
 
+def regrid(boot: Boot, from_size: int, to_size: int,
+           layer_size: int) -> list[tuple[int, int]]:
+    """A boot's chunks at another chunk size: (chunk, first access ms), in first-access order.
+
+    Each recorded chunk is the byte range it covers; every chunk of the new size
+    that overlaps one is read by the boot, first when the earliest of them was.
+    """
+    first: dict[int, int] = {}
+    for chunk, ms, _ in boot.chunks:
+        start = chunk * from_size
+        end = min(start + from_size, layer_size)
+        for new in range(start // to_size, (max(end, start + 1) - 1) // to_size + 1):
+            if ms < first.get(new, ms + 1):
+                first[new] = ms
+    return sorted(first.items(), key=lambda item: (item[1], item[0]))
+
+
 def merge(files: Iterable[TraceFile], layer: LayerId, chunk_size: int) -> WorkingSet | None:
     """Union of the most recent boots of every host, ordered by earliest first access.
 
     When some host recorded on the layer as it is now (same fingerprint, size and
     mtime), only such boots are merged: boots of other versions predict other bytes.
     Otherwise every boot counts (the digests catch what changed, at prefetch).
+    Boots recorded at another chunk size are converted to ``chunk_size``; the same
+    boot in two files (an imported copy) counts once.
     """
-    usable = [t for t in files if t.chunk_size == chunk_size and t.boots]
+    usable = [t for t in files if t.boots]
     now = [t for t in usable if t.layer.same_version(layer)]
-    current = bool(now)
-    dated: list[tuple[int, Boot, str]] = []
+    # Current: recorded on the layer as it is now, at this chunk size (a converted
+    # trace predicts at its own, coarser or finer, grain: record=auto records once).
+    current = any(t.chunk_size == chunk_size for t in now)
+    dated: list[tuple[int, Boot, TraceFile]] = []
+    known: set[tuple[object, ...]] = set()
     for trace in now or usable:
-        dated.extend((boot.started, boot, trace.host) for boot in trace.boots)
+        for boot in trace.boots:
+            key = boot_key(boot, trace.chunk_size)
+            if key not in known:
+                known.add(key)
+                dated.append((boot.started, boot, trace))
     if not dated:
         return None
     dated.sort(key=lambda item: item[0], reverse=True)
@@ -348,15 +393,46 @@ def merge(files: Iterable[TraceFile], layer: LayerId, chunk_size: int) -> Workin
     seen: dict[int, int] = {}
     first: dict[int, int] = {}
     digests: dict[int, int] = {}
-    for _, boot, _ in reversed(recent):  # oldest first, so newer digests win
-        for chunk, first_ms, digest in boot.chunks:
+    ranges: dict[tuple[int, int], Check] = {}  # (chunk size, chunk) -> range check
+    for _, boot, trace in reversed(recent):  # oldest first, so newer digests win
+        cs = trace.chunk_size
+        if cs == chunk_size:
+            for chunk, first_ms, digest in boot.chunks:
+                seen[chunk] = seen.get(chunk, 0) + 1
+                first[chunk] = min(first_ms, first.get(chunk, first_ms))
+                digests[chunk] = digest
+            continue
+        for chunk, first_ms in regrid(boot, cs, chunk_size, trace.layer.size):
             seen[chunk] = seen.get(chunk, 0) + 1
             first[chunk] = min(first_ms, first.get(chunk, first_ms))
-            digests[chunk] = digest
+        for chunk, _, digest in boot.chunks:
+            start = chunk * cs
+            ranges[cs, chunk] = (start, min(start + cs, trace.layer.size) - start, digest)
     need = min_boots_for(len(recent))
     chunks = sorted((c for c, n in seen.items() if n >= need), key=lambda c: (first[c], c))
-    return WorkingSet(chunk_size, chunks, {c: digests[c] for c in chunks}, len(recent),
-                      len({host for _, _, host in recent}), current)
+    wanted = set(chunks)
+    checks: dict[int, list[Check]] = {}
+    for offset, length, digest in ranges.values():
+        covered = range(offset // chunk_size, (offset + length - 1) // chunk_size + 1)
+        # Checked where every chunk it covers is prefetched and none has a digest of its own.
+        if all(c in wanted and c not in digests for c in covered):
+            checks.setdefault(covered[-1], []).append((offset, length, digest))
+    return WorkingSet(chunk_size, chunks, {c: digests[c] for c in chunks if c in digests},
+                      len(recent), len({trace.host for _, _, trace in recent}), current,
+                      checks, sum(1 for _, _, trace in recent if trace.chunk_size != chunk_size),
+                      sorted({trace.chunk_size for _, _, trace in recent}), bool(now))
+
+
+PREFETCH_READ_BYTES = 1 << 20  # a prefetch read is at most this long (a FUSE request's size)
+GAP_BYTES = 128 << 10  # a gap this small between wanted chunks is read to save a request
+
+
+def prefetch_plan(chunks: Sequence[int], chunk_size: int, layer_size: int,
+                  max_bytes: int = PREFETCH_READ_BYTES) -> list[tuple[int, int, list[int]]]:
+    """The store reads a prefetch of these chunks makes: what ``scachefs-trace show`` predicts
+    and what :func:`scachefs.prefetch.prefetch` reads are both this plan."""
+    return plan_runs(chunks, chunk_size, layer_size, max_bytes=max_bytes,
+                     max_gap=max(1, GAP_BYTES // chunk_size))
 
 
 def plan_runs(chunks: Sequence[int], chunk_size: int, layer_size: int,

@@ -15,6 +15,9 @@ Control, through extended attributes of the errfs mount root (root only):
   file whatever the range) and ``"partial": true``: a read that starts before the
   range returns the bytes before it (a short read, as pread(2) on a disk with a
   bad sector does) and only a read starting inside it fails. ``[]`` disarms all.
+- ``system.errfs.*`` xattrs are kept by errfs itself, and only a file's owner or
+  root may set or remove them (EPERM otherwise), as an NFSv4 server decides for
+  ``system.nfs4_acl``: a store that checks such names itself, as the caller.
 - ``getfattr -n user.errfs.stats --only-values MOUNTPOINT``: JSON with the armed
   faults and every failure injected so far (path, op, offset, size, errno).
 
@@ -58,6 +61,9 @@ from scachefs.passthrough import OpenFile, Passthrough
 log = logging.getLogger("errfs")
 
 FAULTS_XATTR = b"user.errfs.faults"
+# system.* xattrs that errfs keeps itself and lets only a file's owner (or root) change,
+# as an NFSv4 server does with system.nfs4_acl: a store that checks them itself.
+SYSTEM_ACL_PREFIX = b"system.errfs."
 STATS_XATTR = b"user.errfs.stats"
 
 
@@ -84,6 +90,7 @@ class ErrFS(Passthrough):
         self.faults: list[Fault] = []
         self.injected: list[dict[str, Any]] = []
         self.requests = 0
+        self.system_xattrs: dict[tuple[int, bytes], bytes] = {}
 
     def _arm(self, value: bytes) -> None:
         try:
@@ -151,13 +158,36 @@ class ErrFS(Passthrough):
                 raise FuseError(errno.EPERM)
             self._arm(value)
             return
+        if name.startswith(SYSTEM_ACL_PREFIX):
+            self.system_xattrs[(self._owned_by(nodeid, req), name)] = value
+            return
         await super().setxattr(nodeid, name, value, flags, req)
+
+    def _owned_by(self, nodeid: int, req: Request) -> int:
+        """The node's number if the caller may change its system.errfs.* ACL: its owner
+        or root, as an NFSv4 server decides for system.nfs4_acl; EPERM otherwise."""
+        node = self._inode(nodeid)
+        if req.uid not in (0, os.fstat(node.fd).st_uid):
+            raise FuseError(errno.EPERM)
+        return nodeid
+
+    async def removexattr(self, nodeid: int, name: bytes, req: Request) -> None:
+        if name.startswith(SYSTEM_ACL_PREFIX):
+            if self.system_xattrs.pop((self._owned_by(nodeid, req), name), None) is None:
+                raise FuseError(errno.ENODATA)
+            return
+        await super().removexattr(nodeid, name, req)
 
     async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
         if nodeid == ROOT_INODE and name == STATS_XATTR:
             doc = {"faults": [dataclasses.asdict(f) for f in self.faults],
                    "injected": self.injected, "requests": self.requests}
             return json.dumps(doc).encode()
+        if name.startswith(SYSTEM_ACL_PREFIX):
+            value = self.system_xattrs.get((nodeid, name))
+            if value is None:
+                raise FuseError(errno.ENODATA)
+            return value
         return await super().getxattr(nodeid, name, req)
 
 

@@ -568,7 +568,7 @@ def place_base(image: GuestImage, store: Path) -> Path:
     try:
         os.link(image.base, dst)
     except OSError:
-        shutil.copyfile(image.base, dst)
+        shutil.copy2(image.base, dst)  # keeps its old mtime: a settled identity
     return dst
 
 

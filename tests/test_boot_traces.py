@@ -13,7 +13,7 @@ from typing import Any
 
 from scachefs import traces as trace_format
 from tests.conftest import MountFactory
-from tests.mounting import drop_caches, run
+from tests.mounting import drop_caches, run, settle
 from tests.test_qemu_passthrough import qemu_io
 from tests.test_shadow_cache import layer_stats, overlay, stats
 
@@ -25,7 +25,7 @@ def make_boot_base(store: Path) -> Path:
     base = store / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "128M")
     run("qemu-io", "-c", "write -P 0x42 0 64M", base)
-    return base
+    return settle(base)
 
 
 def layer_fingerprint(layer: Path) -> bytes:
@@ -201,6 +201,7 @@ def test_a_changed_layer_is_detected_chunk_by_chunk_and_re_recorded(
     first = next(c for c in script if c.startswith("read"))
     _, _, _, offset, length = first.split()
     run("qemu-io", "-c", f"write -P 0x43 {offset} {length}", base)
+    settle(base, 1800)  # changed after the boot was recorded, before this one
     assert layer_fingerprint(base) == before
     mount = mount_factory(store, mnt, "allow_other")
     overlay(store, "vm2.qcow2", "base.qcow2")
@@ -301,6 +302,7 @@ def test_a_base_copied_to_a_new_name_finds_its_traces(
     record_one_boot(store, mnt, mount_factory, "host_id=h1")
     (store / "bases").mkdir()
     shutil.copyfile(store / "base.qcow2", store / "bases" / "copy.qcow2")  # new inode, mtime
+    settle(store / "bases" / "copy.qcow2", 1800)
     (store / "base.qcow2").unlink()
     mount_factory(store, mnt, "allow_other", "host_id=h1")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "bases/copy.qcow2", "-F", "qcow2",
@@ -310,3 +312,69 @@ def test_a_base_copied_to_a_new_name_finds_its_traces(
     assert layer["prefetch"]["useful_chunks"] > 0 and layer["prefetch"]["stale_chunks"] == 0
     # Recorded on another mtime: the copy's first boot was prefetched and recorded once.
     assert layer["trace"]["status"] == "ready"
+
+
+def trace_boots(store: Path) -> int:
+    """Boots kept in the store's trace files (0 when there are none)."""
+    directory = store / ".scache" / "traces"
+    if not directory.exists():
+        return 0
+    return sum(len(trace_format.decode(p.read_bytes()).boots)
+               for p in directory.glob("*.trace"))
+
+
+def test_a_scan_of_the_base_is_not_a_boot(store: Path, mnt: Path, tmp_path: Path,
+                                          mount_factory: MountFactory) -> None:
+    """sha256sum or cp of a base through the mount reads it all, in order: not a boot."""
+    make_boot_base(store)
+    mount = mount_factory(store, mnt, "allow_other", "record=on")
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    run("qemu-img", "info", mnt / "vm1.qcow2")  # the base is a layer of this mount
+    for scan in (["sha256sum", mnt / "base.qcow2"], ["cp", mnt / "base.qcow2", tmp_path / "c"],
+                 ["dd", f"if={mnt / 'base.qcow2'}", "of=/dev/null", "bs=1M", "iflag=direct"]):
+        drop_caches()
+        run(*scan)
+        time.sleep(0.3)
+        layer = layer_stats(mnt, "base.qcow2")
+        assert layer["store_bytes"] >= 60 * MiB  # it did read the whole base through us
+        assert layer["trace"]["status"] in ("none", "recording"), (scan, layer["trace"])
+        assert trace_boots(store) == 0, scan
+    assert mount.log().count("a scan, not a boot") == 3
+    # A VM's boot is still one, even while a scan that started first is still open.
+    drop_caches()
+    fd = os.open(mnt / "base.qcow2", os.O_RDONLY)
+    try:
+        for offset in range(0, 8 * MiB, 128 << 10):
+            assert len(os.pread(fd, 128 << 10, offset)) == 128 << 10
+        replay(mnt / "vm1.qcow2", boot_script())
+        os.pread(fd, 128 << 10, 8 * MiB)
+    finally:
+        os.close(fd)
+    wait_for(mnt, "base.qcow2", recorded)
+    assert trace_boots(store) == 1
+    (path,) = (store / ".scache" / "traces").glob("*.trace")
+    (boot,) = trace_format.decode(path.read_bytes()).boots
+    assert 360 <= boot.requests < 400  # the replay's reads (and qemu's), not the scan's
+    # record=on records every boot, but a scan after it neither adds a boot nor
+    # replaces the real one.
+    drop_caches()
+    run("sha256sum", mnt / "base.qcow2")
+    time.sleep(0.5)
+    assert trace_boots(store) == 1
+    assert layer_stats(mnt, "base.qcow2")["trace"]["boots"] == 1
+
+
+def test_a_session_ends_at_the_boot_window(store: Path, mnt: Path,
+                                           mount_factory: MountFactory) -> None:
+    make_boot_base(store)
+    mount_factory(store, mnt, "allow_other", "boot_window=2")
+    overlay(store, "vm1.qcow2", "base.qcow2")
+    started = time.monotonic()
+    replay(mnt / "vm1.qcow2", boot_script(think_ms=10))  # reads for 4 s or more
+    assert time.monotonic() - started > 3.5
+    wait_for(mnt, "base.qcow2", recorded)
+    (path,) = (store / ".scache" / "traces").glob("*.trace")
+    (boot,) = trace_format.decode(path.read_bytes()).boots
+    assert boot.duration_ms <= 2000, boot.duration_ms
+    assert max(ms for _, ms, _ in boot.chunks) < 2000
+    assert 64 <= boot.requests < 300  # the reads after the window are not in it

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory
-from tests.mounting import daemon_fd_targets, daemon_fds, run
+from tests.mounting import daemon_fd_targets, daemon_fds, run, settle
 from tests.test_boot_traces import wait_for
 from tests.test_shadow_cache import layer_stats, overlay, stats
 
@@ -50,7 +50,7 @@ def make_layer(store: Path, name: str = "base.raw", size: int = 4 * MiB,
     path = store / name
     path.write_bytes(bytes([fill]) * size)
     overlay(store, f"vm-on-{name}.qcow2", name, fmt="raw")
-    return path
+    return settle(path)
 
 
 def wait_scanned(mnt: Path, path: str, timeout: float = 20) -> None:

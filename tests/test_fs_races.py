@@ -153,7 +153,8 @@ async def test_a_layer_dropped_while_its_traces_load_is_not_prefetched(tmp_path:
         reader = await spawn(nursery, lambda: fs.open(entry.nodeid, os.O_RDONLY, CTX))
         await gate.entered.wait()
         layer = next(iter(fs.layers.values()))
-        writer = await fs.open(entry.nodeid, os.O_RDWR, CTX)  # drops the layer
+        writer = await fs.open(entry.nodeid, os.O_RDWR, CTX)
+        await fs.write(writer.fh, 0, b"\0", False)  # its first write drops the layer
         assert not layer.active
         gate.release.set()
         while not reader:

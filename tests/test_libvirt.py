@@ -267,6 +267,11 @@ def test_libvirt_boots_a_domain_from_the_mount_and_runs_a_pool_on_it(
         # The guest powers itself off after the marker; destroy it if it is still up.
         libvirt.virsh("destroy", "scachefs-vm1", check=False)
         wait_state(libvirt, "scachefs-vm1", "shut off", 60)
+        # remember_owner: libvirtd opened the base O_RDWR at the stop and wrote nothing;
+        # that must not cost the base its cache (other VMs may still run from it).
+        log_text = (work / "scachefs.log").read_text(errors="replace")
+        assert "opened for writing" not in log_text, log_text[-3000:]
+        assert mount.layer("base.qcow2")["resident_bytes"] >= layer["resident_bytes"] > 0
         # libvirt gave the overlay back to root; the shared base stays libvirt-qemu's
         # (libvirt does not restore backing images: other domains may use them).
         assert (store / "vm1.qcow2").stat().st_uid == 0

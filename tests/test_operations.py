@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import array
 import errno
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scachefs import tracecli
 from scachefs.cli import OPTIONS_HELP
 from tests.conftest import MountFactory
 from tests.mounting import Mount, mount_type, run
@@ -169,7 +171,8 @@ def test_watch_refreshes_in_a_terminal(store: Path, mnt: Path, mounted: Mount) -
 @pytest.fixture
 def system_mount(store: Path, mnt: Path) -> Iterator[Path]:
     """A mount point that is unmounted after the test whatever happened."""
-    assert Path("/sbin/mount.fuse.scachefs").exists(), "make setup installs the mount helper"
+    assert Path("/sbin/mount.fuse.scachefs").exists(), \
+        "make install (or, for a checkout, make setup) installs the mount helper"
     yield mnt
     if mount_type(mnt) is not None:
         run("umount", "-l", mnt, check=False)
@@ -228,6 +231,9 @@ def test_service_command_line_notifies_systemd(tmp_path: Path, store: Path, mnt:
     assert exec_start is not None
     command = (exec_start.group(1).replace("${SCACHEFS_SOURCE}", str(store))
                .replace("%f", str(mnt)).replace("${SCACHEFS_OPTIONS}", "allow_other"))
+    # This checkout's scachefs, not whatever is installed in /usr/local/bin.
+    assert command.startswith("/usr/local/bin/scachefs ")
+    command = command.replace("/usr/local/bin/scachefs", f"{sys.executable} -m scachefs", 1)
     sock_path = tmp_path / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
@@ -278,8 +284,23 @@ def test_man_pages_render_and_cover_every_option() -> None:
         assert name in scachefs_page, f"option {name} is in --help but not in scachefs(8)"
     stat_page = subprocess.run(["man", "-l", str(REPO / "docs" / "man" / "scachefs-stat.8")],
                                env=env, capture_output=True, text=True, check=True).stdout
-    for flag in ("--json", "--prometheus", "--watch", "--timeout", "--upgrade"):
+    for flag in ("--json", "--prometheus", "--prometheus-file", "--watch", "--timeout",
+                 "--upgrade"):
         assert flag in stat_page
+    # scachefs-trace(8): every command and option of its --help, and scachefs(8) names it.
+    trace_page = subprocess.run(["man", "-l", str(REPO / "docs" / "man" / "scachefs-trace.8")],
+                                env=env, capture_output=True, text=True, check=True).stdout
+    assert "NAME" in trace_page and "SYNOPSIS" in trace_page and "OPTIONS" in trace_page
+    parser = tracecli.build_parser()
+    commands = next(a for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"list", "show", "delete", "export", "import", "warm"}
+    for name, sub in commands.items():
+        assert f"scachefs-trace {name}" in trace_page, name
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in ("-h", "--help") or flag in trace_page, (name, flag)
+    assert "scachefs-trace(8)" in scachefs_page and "scachefs-trace(8)" in stat_page
 
 
 def test_help_prints_percent_signs_as_such() -> None:
@@ -289,3 +310,155 @@ def test_help_prints_percent_signs_as_such() -> None:
                          text=True, check=True, cwd=REPO).stdout
     assert "default: 25% of RAM" in out and "2G, 10%\n" in out, out
     assert "%%" not in out
+
+
+# ---------------------------------------------------------------- scachefs-stat's command line
+
+
+@pytest.mark.parametrize("args", [("--watch", "{mnt}"), ("{mnt}", "--watch"),
+                                  ("--watch", "0.5", "{mnt}"), ("{mnt}", "--watch", "0.5"),
+                                  ("--watch=0.5", "{mnt}")])
+def test_watch_takes_the_mount_point_in_any_order(mnt: Path, mounted: Mount,
+                                                  args: tuple[str, ...]) -> None:
+    argv = [a.format(mnt=mnt) for a in args]
+    proc = subprocess.Popen([*STAT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"LAYER" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            seen += proc.stdout.read() or b""
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert b"LAYER" in seen and f"scachefs-stat {mnt} (every".encode() in seen, (seen, err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--watch", "0"), "--watch must be at least 0.1 seconds, not '0'"),
+    (("--watch", "-1"), "--watch must be at least 0.1 seconds, not '-1'"),
+    (("--watch", "nan"), "--watch must be at least 0.1 seconds"),
+    (("--watch", "soon"), "--watch must be a number of seconds, not 'soon'"),
+    (("--timeout", "0"), "--timeout must be at least"),
+    (("--timeout", "-5"), "--timeout must be at least"),
+    (("--timeout", "inf"), "--timeout must be at least")])
+def test_stat_refuses_nonsense_intervals(mnt: Path, mounted: Mount, args: tuple[str, ...],
+                                         message: str) -> None:
+    result = stat_cmd(*args, mnt, check=False)
+    assert result.returncode == 2 and message in result.stderr, result
+    assert "usage: scachefs-stat" in result.stderr
+    assert stat_cmd("--timeout", "9.5", mnt).returncode == 0  # any positive number: fine
+
+
+def test_stat_without_a_mount_point_says_so() -> None:
+    result = stat_cmd("--json", check=False)
+    assert result.returncode == 2 and "required: MOUNTPOINT" in result.stderr
+
+
+@pytest.mark.parametrize("mode", [(), ("--json",), ("--prometheus",), ("--watch", "0.2")])
+def test_stat_into_a_closed_pipe_exits_quietly(mnt: Path, mounted: Mount,
+                                               mode: tuple[str, ...]) -> None:
+    """`scachefs-stat MNT | head -2`: the reader goes away; no BrokenPipeError traceback,
+    but the death by SIGPIPE other tools die (the shell shows 141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*STAT, *mode, mnt], stdout=write_end, stderr=subprocess.PIPE,
+                                timeout=30, check=False)
+    finally:
+        os.close(write_end)
+    assert result.stderr == b"" and result.returncode == -signal.SIGPIPE, result
+
+
+def test_stat_into_head_exits_quietly(mnt: Path, mounted: Mount) -> None:
+    result = run("bash", "-o", "pipefail", "-c",
+                 f"{sys.executable} -m scachefs.stat --watch 0.1 {mnt} | head -2", check=False)
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result
+    assert len(result.stdout.splitlines()) == 2
+
+
+# ---------------------------------------------------------------- Prometheus
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, str | None], float]:
+    return {(s.name, s.labels.get("layer") or s.labels.get("le")): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_prometheus_histogram_has_every_bucket_from_the_start(
+        store: Path, mnt: Path, mounted: Mount) -> None:
+    expected = [str(1 << bits) for bits in range(12, 25)] + ["+Inf"]
+
+    def buckets() -> dict[str, float]:
+        text = stat_cmd("--prometheus", mnt).stdout
+        return {le: v for (name, le), v in prometheus_samples(text).items()
+                if name == "scachefs_store_read_size_bytes_bucket" and le is not None}
+
+    idle = buckets()
+    assert list(idle) == expected and set(idle.values()) == {0.0}
+    make_base(store)
+    overlay(store, "vm.qcow2", "base.qcow2")
+    qemu_io(mnt / "vm.qcow2", "read -P 0xa1 0 1M", cache="none")
+    busy = buckets()
+    assert list(busy) == expected  # the same series, whatever was read
+    counts = list(busy.values())
+    assert counts == sorted(counts) and counts[-1] > 0  # cumulative
+    doc = json.loads(stat_cmd("--json", mnt).stdout)
+    assert counts[-1] == doc["totals"]["store_reads"]
+
+
+def test_prometheus_reports_a_dead_mount_as_down(tmp_path: Path, store: Path, mnt: Path,
+                                                 mounted: Mount) -> None:
+    prom = tmp_path / "textfile" / "scachefs.prom"
+    prom.parent.mkdir()
+    assert stat_cmd("--prometheus-file", prom, mnt).returncode == 0
+    first = prom.stat()
+    assert prometheus_samples(prom.read_text())[("scachefs_up", None)] == 1
+    assert stat_cmd("--prometheus-file", prom, mnt).returncode == 0
+    # Written by rename over the old file (node_exporter never reads half a file) ...
+    assert prom.stat().st_ino != first.st_ino
+    assert sorted(p.name for p in prom.parent.iterdir()) == ["scachefs.prom"]  # ... no debris
+    # A path that is no mount is down too, and says why on stderr.
+    result = stat_cmd("--prometheus", store, check=False)
+    assert result.returncode == 0 and "is not a scachefs mount" in result.stderr
+    assert prometheus_samples(result.stdout)[("scachefs_up", None)] == 0
+    mounted.proc.kill()  # the holder first, so that no successor takes over
+    mounted.proc.wait()
+    os.kill(mounted.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    result = stat_cmd("--prometheus", mnt, check=False)
+    assert result.returncode == 0 and "daemon is dead" in result.stderr, result
+    samples = prometheus_samples(result.stdout)
+    assert samples == {("scachefs_up", None): 0.0}
+    assert f'scachefs_up{{mountpoint="{mnt}"}} 0.0' in result.stdout
+    assert stat_cmd("--prometheus-file", prom, mnt).returncode == 0
+    assert prometheus_samples(prom.read_text()) == {("scachefs_up", None): 0.0}
+    # Only a file that cannot be written is a failure of the command.
+    result = stat_cmd("--prometheus-file", tmp_path / "missing" / "x.prom", mnt, check=False)
+    assert result.returncode == 1 and "cannot write" in result.stderr
+    mounted.kill()
+
+
+def test_upgrade_of_a_restart_off_mount_says_why(store: Path, mnt: Path,
+                                                 mount_factory: MountFactory) -> None:
+    mount_factory(store, mnt, "allow_other", "restart=off")
+    result = stat_cmd("--upgrade", mnt, check=False)
+    assert result.returncode == 1
+    assert "restart=off" in result.stderr and "no holder" in result.stderr, result.stderr
+    assert "unmount it and mount it again" in result.stderr
+
+
+def test_generic_options_of_other_fstab_lines_mount(store: Path, mnt: Path,
+                                                    mount_factory: MountFactory) -> None:
+    """An fstab line copied from ext4 or NFS: its options are ignored or applied."""
+    mount_factory(store, mnt, "allow_other", "defaults,lazytime,nodiratime,nosymfollow,"
+                  "_rnetdev,nofail,X-mount.mkdir,x-systemd.automount,iversion")
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        line = next(li for li in info if li.split()[4] == str(mnt))
+    flags = line.split()[5].split(",")
+    assert "nodiratime" in flags and "nosymfollow" in flags, line
+    result = run(sys.executable, "-m", "scachefs", store, mnt, "-o", "cache_size=1K",
+                 check=False)
+    assert result.returncode == 2 and "too small" in result.stderr, result

@@ -25,9 +25,43 @@ def test_values_and_later_options_win() -> None:
 @pytest.mark.parametrize("item", ["defaults", "noauto", "auto", "nofail", "_netdev", "user",
                                   "users", "rw", "x-systemd.automount",
                                   "x-systemd.requires=a.service", "comment=hello",
-                                  "default_permissions"])
+                                  "default_permissions", "_rnetdev", "lazytime",
+                                  "nolazytime", "iversion", "noiversion", "mand", "nomand",
+                                  "silent", "loud", "owner", "group", "nouser",
+                                  "x-initrd.mount", "X-mount.mkdir", "X-mount.mode=0755",
+                                  "x-systemd.device-timeout=10s"])
 def test_fstab_only_options_are_ignored(item: str) -> None:
     assert parse_options([item]) == parse_options([])
+
+
+def test_fstab_line_from_another_file_system() -> None:
+    # What an ext4 or NFS line in /etc/fstab carries, plus ours.
+    opts = parse_options(["defaults,lazytime,nodiratime,noatime,_rnetdev,nofail,"
+                          "x-systemd.automount,X-mount.mkdir,allow_other,cache_size=2G"])
+    assert opts.allow_other and opts.cache_size == 2 << 30
+    assert opts.kernel_flags == ("nodiratime", "noatime")
+
+
+@pytest.mark.parametrize("item", ["diratime", "nodiratime", "nostrictatime", "nosymfollow",
+                                  "symfollow", "strictatime", "dirsync"])
+def test_generic_vfs_flags_are_applied(item: str) -> None:
+    from scachefs.fuse.mount import MountSpec
+    opts = parse_options([item])
+    assert opts.kernel_flags == (item,)
+    MountSpec("s", "m", "scachefs", flags=opts.kernel_flags).ms_flags()  # known to mount(2)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("cache_size=0", "too small"), ("cache_size=1K", "too small"),
+    ("cache_size=63K", "64K"), ("chunk_size=1M,cache_size=3M", "4M"),
+    ("remount", "unmount and mount again"), ("context=system_u:object_r:tmp_t", "SELinux")])
+def test_options_refused_with_a_reason(text: str, words: str) -> None:
+    with pytest.raises(OptionError, match=words):
+        parse_options([text])
+
+
+def test_smallest_cache_is_accepted() -> None:
+    assert parse_options(["cache_size=64K"]).cache_size == 64 << 10
 
 
 @pytest.mark.parametrize("text, name", [("cache_sise=1G", "cache_sise"), ("bogus", "bogus"),

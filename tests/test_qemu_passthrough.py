@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MountFactory
-from tests.mounting import Mount, mount_type, require_tool, run
+from tests.mounting import Mount, mount_type, require_tool, run, settle
 
 QEMU_IMG = "qemu-img"
 QEMU_IO = "qemu-io"
@@ -21,7 +21,7 @@ def make_base(store: Path, name: str = "base.qcow2", size: str = "64M") -> Path:
     run(QEMU_IMG, "create", "-q", "-f", "qcow2", base, size)
     run(QEMU_IO, "-c", "write -P 0xa1 0 1M", "-c", "write -P 0xb2 8M 3M",
         "-c", "write -P 0xc3 40M 64k", base)
-    return base
+    return settle(base)
 
 
 def backing_chain(image: Path) -> list[dict[str, object]]:

@@ -116,3 +116,46 @@ def test_random_corruption_never_yields_a_record_that_was_not_written(log: State
             # Whatever survives is a prefix of what was written, record for record.
             assert list(snap.nodes.values()) == written[:len(snap.nodes)]
         log._map[offset] = old
+
+
+def test_the_compaction_threshold_follows_the_live_tables_across_takeovers(
+        log: StateLog) -> None:
+    """Issue 17 item 4: a successor's threshold used to be 4x the log it replayed."""
+    log.start(45, 0, False)
+    for takeover in range(4):
+        for i in range(100_000):  # churn: the same few nodes again and again (~10 MiB)
+            log.append(*state.node_record(node(2 + i % 8, nlookup=i + 1)))
+        assert log.needs_compaction(), takeover
+        assert len(log.load().nodes) == 8  # a successor replays the log ...
+        assert log.needs_compaction(), takeover  # ... and still compacts it at once
+        log.compact([state.node_record(node(2 + i)) for i in range(8)])
+        assert not log.needs_compaction()
+
+
+def test_a_full_region_is_compacted_by_the_write_that_fills_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17 item 4: a full region never turns into an error for the request."""
+    from scachefs.takeover import Journal
+
+    monkeypatch.setattr(state, "REGION_SIZE", 1 << 20)
+    fd = state.create_memfd("test-state")
+    small = StateLog(fd)
+    try:
+        small.start(45, 0, False)
+        journal = Journal(small)
+
+        class Tables:  # what a compaction reads of the file system: its live tables
+            table: list[object] = []
+            files: dict[int, object] = {}
+            dirs: dict[int, object] = {}
+
+        journal.fs = Tables()  # type: ignore[assignment]
+        for i in range(100_000):  # ~7 MiB of records through a 1 MiB region
+            journal._append(*state.node_record(node(2 + i % 4, nlookup=i + 1)))
+        assert not journal.failed
+        snap = small.load()
+        assert {n.nodeid: n.nlookup for n in snap.nodes.values()} == {
+            2 + i % 4: i + 1 for i in range(100_000 - 4, 100_000)}
+    finally:
+        small.close()
+        os.close(fd)

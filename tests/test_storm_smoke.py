@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -64,3 +68,37 @@ def test_storm_multihost_smoke(tmp_path: Path) -> None:
     assert doc["second_host_first_storm"]["with_trace_s"] > 0
     assert not Path(doc["cgroup"]).exists()
     assert "-storm-" not in run("ip", "netns", "list").stdout  # its namespaces are gone
+
+
+def _storm_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("storm", REPO / "bench" / "storm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["storm"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_results_never_replace_the_committed_ones(tmp_path: Path) -> None:
+    storm = _storm_module()
+    results = REPO / "bench" / "results"
+    for hosts, name in ((0, "storm.json"), (2, "storm-multihost.json")):
+        smoke = storm.json_path(None, True, hosts)
+        assert smoke.name == name and not smoke.is_relative_to(REPO), smoke
+        assert smoke.parent.is_dir()
+        smoke.parent.rmdir()
+        assert storm.json_path(None, False, hosts) == results / name  # real runs
+        assert storm.json_path(tmp_path / "x.json", True, hosts) == tmp_path / "x.json"
+
+
+def test_storm_says_it_runs_make_setup_first(tmp_path: Path) -> None:
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "make").write_text('#!/bin/sh\necho "make $*" >> "$0.calls"\nexit 3\n')
+    (stub / "make").chmod(0o755)
+    result = subprocess.run([REPO / "bench" / "storm", "--smoke"], capture_output=True,
+                            text=True, env={**os.environ, "PATH": f"{stub}:{os.environ['PATH']}"},
+                            timeout=60, check=False)
+    assert result.returncode == 3
+    assert "running make setup first" in result.stdout
+    assert (stub / "make.calls").read_text() == "make -s setup\n"

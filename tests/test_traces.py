@@ -423,6 +423,7 @@ def test_mutated_traces_only_raise_trace_error(ops: list[tuple[str, int, int]],
 
 u32 = st.integers(min_value=0, max_value=2**32 - 1)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
+i64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)  # a signed time (pre-1970 too)
 
 
 @settings(max_examples=300, deadline=None)
@@ -452,7 +453,7 @@ def trace_files(draw: st.DrawFn) -> TraceFile:
     chunk_size = 1 << draw(st.integers(12, 20))
     nchunks = draw(st.integers(1, 1000))
     size = draw(st.integers((nchunks - 1) * chunk_size + 1, nchunks * chunk_size))
-    layer = LayerId(draw(st.binary(min_size=16, max_size=16)), size, draw(u64))
+    layer = LayerId(draw(st.binary(min_size=16, max_size=16)), size, draw(i64))
     host = draw(st.text(max_size=64).filter(
         lambda h: len(h.encode("utf-8", "surrogatepass")) <= 64 and not h.endswith("\0")))
     try:
@@ -487,7 +488,6 @@ def test_min_boots_for(boots: int, need: int) -> None:
 def test_merge_of_nothing() -> None:
     assert merge([], LAYER, CS) is None
     assert merge([trace([])], LAYER, CS) is None
-    assert merge([trace([boot(1, [(1, 1, 1)])], chunk_size=2 * CS)], LAYER, CS) is None
 
 
 def test_merge_unions_hosts_in_first_access_order() -> None:
@@ -514,13 +514,46 @@ def test_merge_newest_digest_wins_whatever_the_input_order() -> None:
         assert ws.chunks == [3, 1, 2]  # first access: 3 at 0 ms, 1 at 1 ms, 2 at 2 ms
 
 
-def test_merge_ignores_other_chunk_sizes() -> None:
-    good = trace([boot(100, [(1, 1, 1)])], host="a")
-    other = trace([boot(200, [(1, 0, 99), (2, 0, 2)])], host="b", chunk_size=2 * CS)
+def test_merge_converts_other_chunk_sizes_to_byte_ranges() -> None:
+    good = trace([boot(100, [(1, 5, 1)])], host="a")
+    # Chunk 1 of 2*CS is bytes 2*CS..4*CS: chunks 2 and 3 at CS; chunk 2 is chunks 4, 5.
+    other = trace([boot(200, [(1, 0, 99), (2, 3, 2)])], host="b", chunk_size=2 * CS)
     ws = merge([good, other], LAYER, CS)
     assert ws is not None
-    assert ws.chunks == [1] and ws.digests == {1: 1}
-    assert (ws.boots, ws.hosts) == (1, 1)
+    assert ws.chunks == [2, 3, 4, 5, 1] and ws.digests == {1: 1}
+    assert (ws.boots, ws.hosts, ws.converted, ws.chunk_sizes) == (2, 2, 1, [CS, 2 * CS])
+    # Their digests are checked over the bytes they were taken of.
+    assert ws.checks == {3: [(2 * CS, 2 * CS, 99)], 5: [(4 * CS, 2 * CS, 2)]}
+
+
+def test_merge_converts_to_a_larger_chunk_size() -> None:
+    small = trace([boot(100, [(4, 0, 40), (5, 1, 50), (9, 2, 90), (0, 7, 1)])],
+                  chunk_size=CS)
+    ws = merge([small], LAYER, 4 * CS)
+    assert ws is not None
+    assert ws.chunks == [1, 2, 0] and ws.digests == {} and ws.converted == 1
+    assert ws.checks == {1: [(4 * CS, CS, 40), (5 * CS, CS, 50)], 2: [(9 * CS, CS, 90)],
+                         0: [(0, CS, 1)]}
+    assert ws.bytes == 3 * 4 * CS
+
+
+def test_merge_converted_boots_count_once_each_for_the_minority_rule() -> None:
+    # Four boots at CS/... one boot that read four small chunks of one big chunk
+    # counts once for it, not four times.
+    boots = [boot(i, [(0, 0, 1)]) for i in range(3)]
+    boots.append(boot(10, [(4, 0, 4), (5, 0, 5), (6, 0, 6), (7, 0, 7)]))
+    ws = merge([trace(boots)], LAYER, 4 * CS)
+    assert ws is not None and ws.chunks == [0, 1]  # 4 boots: a chunk needs one
+    more = [*boots, boot(11, [(0, 0, 1)]), boot(12, [(0, 0, 1)]), boot(13, [(0, 0, 1)]),
+            boot(14, [(0, 0, 1)])]  # 8 boots: a chunk needs two
+    ws = merge([trace(more[-8:])], LAYER, 4 * CS)
+    assert ws is not None and ws.chunks == [0]
+
+
+def test_merge_counts_the_same_boot_in_two_files_once() -> None:
+    one = boot(100, [(1, 1, 1), (2, 2, 2)])
+    ws = merge([trace([one], host="a"), trace([one], host="import-a")], LAYER, CS)
+    assert ws is not None and ws.boots == 1
 
 
 def test_merge_current_flag() -> None:

@@ -100,6 +100,7 @@ ATOMIC_O_TRUNC = 1 << 3
 EXPORT_SUPPORT = 1 << 4
 BIG_WRITES = 1 << 5
 DONT_MASK = 1 << 6
+FLOCK_LOCKS = 1 << 10
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 READDIRPLUS_AUTO = 1 << 14
@@ -148,6 +149,8 @@ FATTR_KILL_SUIDGID = 1 << 11
 GETATTR_FH = 1 << 0
 WRITE_KILL_SUIDGID = 1 << 2
 OPEN_KILL_SUIDGID = 1 << 0
+SETXATTR_ACL_KILL_SGID = 1 << 0  # fuse_setxattr_in.setxattr_flags (with SETXATTR_EXT)
+EXT_GROUPS = 32  # request extension: struct fuse_supp_groups (types 0-31: security contexts)
 FSYNC_FDATASYNC = 1 << 0
 RELEASE_FLUSH = 1 << 0
 
@@ -198,10 +201,15 @@ WRITE_OUT = struct.Struct("<II")
 KSTATFS = struct.Struct("<QQQQQIII28x")  # blocks bfree bavail files ffree bsize namelen frsize
 FSYNC_IN = struct.Struct("<QII")
 SETXATTR_IN = struct.Struct("<II")  # size flags (without FUSE_SETXATTR_EXT)
+SETXATTR_IN_EXT = struct.Struct("<IIII")  # size flags setxattr_flags padding
+EXT_HEADER = struct.Struct("<II")  # size (with this header) type
 GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 ACCESS_IN = struct.Struct("<II")
 INTERRUPT_IN = struct.Struct("<Q")
+LK_IN = struct.Struct("<QQQQIIII")  # fh owner start end type pid lk_flags padding
+LK_OUT = struct.Struct("<QQII")  # start end type pid
+LK_FLOCK = 1 << 0  # lk_flags: a flock(), not a POSIX/OFD lock
 FALLOCATE_IN = struct.Struct("<QqqII")  # fh offset length mode padding
 LSEEK_IN = struct.Struct("<QqII")  # fh offset whence padding
 LSEEK_OUT = struct.Struct("<q")
@@ -216,7 +224,8 @@ _SIZES = {IN_HEADER: 40, OUT_HEADER: 16, ATTR: 88, ENTRY_OUT_HEAD: 40, ATTR_OUT_
           INIT_IN: 64, INIT_OUT: 64, GETATTR_IN: 16, SETATTR_IN: 88, MKNOD_IN: 16,
           MKDIR_IN: 8, RENAME2_IN: 16, OPEN_IN: 8, CREATE_IN: 16, OPEN_OUT: 16,
           RELEASE_IN: 24, FLUSH_IN: 24, READ_IN: 40, WRITE_IN: 40, WRITE_OUT: 8, KSTATFS: 80,
-          FSYNC_IN: 16, GETXATTR_IN: 8, FALLOCATE_IN: 32, LSEEK_IN: 24,
+          FSYNC_IN: 16, GETXATTR_IN: 8, SETXATTR_IN_EXT: 16, EXT_HEADER: 8, LK_IN: 48,
+          LK_OUT: 24, FALLOCATE_IN: 32, LSEEK_IN: 24,
           COPY_FILE_RANGE_IN: 56, DIRENT_HEAD: 24, NOTIFY_INVAL_INODE_OUT: 24,
           NOTIFY_INVAL_ENTRY_OUT: 16, NOTIFY_DELETE_OUT: 24, BACKING_MAP: 16}
 for _s, _n in _SIZES.items():

@@ -28,16 +28,19 @@ MS_DIRSYNC = 128
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_RELATIME = 1 << 21
+MS_NOSYMFOLLOW = 256
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 # Generic mount options and the MS_* flag each sets (or, with a "no" twin, clears).
 _SET = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
         "sync": MS_SYNCHRONOUS, "dirsync": MS_DIRSYNC, "noatime": MS_NOATIME,
-        "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+        "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME,
+        "nosymfollow": MS_NOSYMFOLLOW}
 _CLEAR = {"rw": MS_RDONLY, "suid": MS_NOSUID, "dev": MS_NODEV, "exec": MS_NOEXEC,
           "async": MS_SYNCHRONOUS, "atime": MS_NOATIME, "diratime": MS_NODIRATIME,
-          "norelatime": MS_RELATIME}
+          "norelatime": MS_RELATIME, "nostrictatime": MS_STRICTATIME,
+          "symfollow": MS_NOSYMFOLLOW}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,

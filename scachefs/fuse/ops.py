@@ -38,6 +38,15 @@ class Request:
     pid: int
     unique: int = 0
     umask: int = 0  # for create, mknod and mkdir
+    # Supplementary groups the kernel vouches for (FUSE_CREATE_SUPP_GROUP: on create,
+    # mkdir, mknod and symlink, the parent directory's group if the caller is in it).
+    groups: tuple[int, ...] = ()
+    acl_kill_sgid: bool = False  # setxattr of an ACL by a caller outside the file's group
+
+    @property
+    def resent(self) -> bool:
+        """Resent after a takeover: the dead daemon may have done it (see resend.py)."""
+        return bool(self.unique >> 63)
 
 
 @dataclasses.dataclass(slots=True)
@@ -70,6 +79,17 @@ class Opened:
     direct_io: bool = False
     backing_id: int = 0  # non-zero: FOPEN_PASSTHROUGH with this backing file
     noflush: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class Lock:
+    """A byte-range lock (inclusive ``end``; 2**63-1: to the end of file) or a flock()."""
+
+    type: int  # fcntl.F_RDLCK, F_WRLCK or F_UNLCK
+    start: int = 0
+    end: int = (1 << 63) - 1
+    pid: int = 0
+    flock: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -173,7 +193,15 @@ class Operations:
     async def write(self, fh: int, offset: int, data: bytes, kill_suidgid: bool) -> int:
         raise FuseError(errno.ENOSYS)
 
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: int, lock_owner: int = 0) -> None:
+        raise FuseError(errno.ENOSYS)
+
+    async def getlk(self, fh: int, owner: int, lock: Lock) -> Lock:
+        """The first lock that conflicts with ``lock`` (type F_UNLCK if none)."""
+        raise FuseError(errno.ENOSYS)
+
+    async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """Take or release ``lock``; EAGAIN on a conflict unless ``wait``."""
         raise FuseError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
@@ -182,14 +210,15 @@ class Operations:
     async def fsync(self, fh: int, datasync: bool) -> None:
         raise FuseError(errno.ENOSYS)
 
-    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int,
+                        req: Request) -> None:
         raise FuseError(errno.ENOSYS)
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         raise FuseError(errno.ENOSYS)
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
-                              length: int, flags: int) -> int:
+                              length: int, flags: int, req: Request) -> int:
         raise FuseError(errno.ENOSYS)
 
     # ------------------------------------------------------------- directories

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +28,16 @@ from typing import Any
 import trio
 
 from scachefs.fuse import abi
-from scachefs.fuse.ops import Attr, Entry, FuseError, Opened, Operations, Request, SetAttr
+from scachefs.fuse.ops import (
+    Attr,
+    Entry,
+    FuseError,
+    Lock,
+    Opened,
+    Operations,
+    Request,
+    SetAttr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,22 @@ def _cstring(data: bytes, start: int = 0) -> tuple[bytes, int]:
     if end < 0:
         raise _Malformed("a name without its NUL")
     return data[start:end], end + 1
+
+
+def _extension_groups(ext: bytes) -> tuple[int, ...]:
+    """The supplementary groups in a request's extensions (FUSE_EXT_GROUPS), if any."""
+    pos = 0
+    while pos + abi.EXT_HEADER.size <= len(ext):
+        size, kind = abi.EXT_HEADER.unpack_from(ext, pos)
+        if size < abi.EXT_HEADER.size or pos + size > len(ext):
+            break
+        if kind == abi.EXT_GROUPS and size >= abi.EXT_HEADER.size + 4:
+            (count,) = struct.unpack_from("<I", ext, pos + abi.EXT_HEADER.size)
+            start = pos + abi.EXT_HEADER.size + 4
+            count = min(count, (pos + size - start) // 4)
+            return struct.unpack_from(f"<{count}I", ext, start)
+        pos += size
+    return ()
 
 
 class _Malformed(Exception):
@@ -139,6 +165,7 @@ class Session:
         self.on_init: Callable[[int, int], None] = lambda minor, flags: None
         self._reading = trio.CancelScope()
         self._handing_over = False
+        self._waits: dict[int, trio.CancelScope] = {}  # SETLKW in progress, by unique
         # --debug: every request and its answer in the log. Decided once, here: when
         # off, the read loop and the replies run the plain methods, with no check.
         self._pending: dict[int, tuple[str, float]] = {}
@@ -168,6 +195,7 @@ class Session:
             abi.FSYNCDIR: self._op_fsyncdir, abi.ACCESS: self._op_access,
             abi.CREATE: self._op_create, abi.FALLOCATE: self._op_fallocate,
             abi.LSEEK: self._op_lseek, abi.COPY_FILE_RANGE: self._op_copy_file_range,
+            abi.GETLK: self._op_getlk, abi.SETLK: self._op_setlk, abi.SETLKW: self._op_setlkw,
         }
 
     # ------------------------------------------------------------------ loop
@@ -311,7 +339,14 @@ class Session:
             self._batch_forget(buf, n)
             return
         elif opcode == abi.INTERRUPT:
-            return  # handlers always finish; the kernel waits for their answers
+            # Handlers always finish (the kernel waits for their answers), but a lock
+            # wait is given up: it answers EINTR.
+            if n >= abi.IN_HEADER.size + abi.INTERRUPT_IN.size:
+                (target,) = abi.INTERRUPT_IN.unpack_from(buf, abi.IN_HEADER.size)
+                scope = self._waits.get(target)
+                if scope is not None:
+                    scope.cancel()
+            return
         elif opcode == abi.DESTROY:
             self.ops.destroy()
             self._reply(unique, b"")
@@ -330,6 +365,8 @@ class Session:
                 self._reply_xattr(unique, quick, size)
                 return
         req = Request(uid, gid, pid, unique)
+        if extlen:
+            req.groups = _extension_groups(bytes(buf[n - extlen * 8:n]))
         assert self._nursery is not None
         self._inflight += 1
         self._nursery.start_soon(self._run, handler, req, nodeid, args, name=name)
@@ -628,15 +665,53 @@ class Session:
     async def _op_flush(self, req: Request, nodeid: int, args: bytes) -> None:
         if len(args) < abi.FLUSH_IN.size:
             raise _Malformed("short flush_in")
-        (fh,) = abi.FLUSH_IN.unpack_from(args)[:1]
-        await self.ops.flush(fh)
+        fh, _, _, lock_owner = abi.FLUSH_IN.unpack_from(args)
+        await self.ops.flush(fh, lock_owner)
+        self._reply(req.unique, b"")
+
+    def _lk_in(self, args: bytes) -> tuple[int, int, Lock]:
+        if len(args) < abi.LK_IN.size:
+            raise _Malformed("short lk_in")
+        fh, owner, start, end, ltype, pid, lk_flags, _ = abi.LK_IN.unpack_from(args)
+        if start > end or end > (1 << 63) - 1:
+            raise FuseError(errno.EINVAL)
+        return fh, owner, Lock(ltype, start, end, pid, bool(lk_flags & abi.LK_FLOCK))
+
+    async def _op_getlk(self, req: Request, nodeid: int, args: bytes) -> None:
+        fh, owner, lock = self._lk_in(args)
+        found = await self.ops.getlk(fh, owner, lock)
+        self._reply(req.unique, abi.LK_OUT.pack(found.start, found.end, found.type,
+                                                max(found.pid, 0)))
+
+    async def _op_setlk(self, req: Request, nodeid: int, args: bytes) -> None:
+        fh, owner, lock = self._lk_in(args)
+        await self.ops.setlk(fh, owner, lock, wait=False)
+        self._reply(req.unique, b"")
+
+    async def _op_setlkw(self, req: Request, nodeid: int, args: bytes) -> None:
+        fh, owner, lock = self._lk_in(args)
+        with trio.CancelScope() as scope:
+            self._waits[req.unique] = scope
+            try:
+                await self.ops.setlk(fh, owner, lock, wait=True)
+            finally:
+                del self._waits[req.unique]
+        if scope.cancelled_caught:
+            raise FuseError(errno.EINTR)
         self._reply(req.unique, b"")
 
     async def _op_setxattr(self, req: Request, nodeid: int, args: bytes) -> None:
-        head = abi.SETXATTR_IN.size
-        if len(args) < head:
-            raise _Malformed("short setxattr_in")
-        size, flags = abi.SETXATTR_IN.unpack_from(args)
+        if self.flags & abi.SETXATTR_EXT:
+            head = abi.SETXATTR_IN_EXT.size
+            if len(args) < head:
+                raise _Malformed("short setxattr_in")
+            size, flags, setxattr_flags, _ = abi.SETXATTR_IN_EXT.unpack_from(args)
+            req.acl_kill_sgid = bool(setxattr_flags & abi.SETXATTR_ACL_KILL_SGID)
+        else:
+            head = abi.SETXATTR_IN.size
+            if len(args) < head:
+                raise _Malformed("short setxattr_in")
+            size, flags = abi.SETXATTR_IN.unpack_from(args)
         name, rest = _cstring(args, head)
         value = args[rest:rest + size]
         if len(value) != size:
@@ -706,7 +781,7 @@ class Session:
         if len(args) < abi.FALLOCATE_IN.size:
             raise _Malformed("short fallocate_in")
         fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack_from(args)
-        await self.ops.fallocate(fh, offset, length, mode)
+        await self.ops.fallocate(fh, offset, length, mode, req)
         self._reply(req.unique, b"")
 
     async def _op_lseek(self, req: Request, nodeid: int, args: bytes) -> None:
@@ -722,7 +797,7 @@ class Session:
         fh_in, off_in, _, fh_out, off_out, length, flags = \
             abi.COPY_FILE_RANGE_IN.unpack_from(args)
         copied = await self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length,
-                                                flags)
+                                                flags, req)
         self._reply(req.unique, abi.WRITE_OUT.pack(copied, 0))
 
     # ------------------------------------------------------------------ stats
