@@ -380,21 +380,45 @@ def _stderr_is_journal() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+_LOG_NAME = ["scachefs"]  # the mount point, for the name of a fallback log file
+
+
+def _fallback_log_file() -> str:
+    """Where a detached mount logs when there is no syslog, journal or log_file."""
+    name = _LOG_NAME[0].strip("/").replace("/", "-") or "root"
+    if os.geteuid() == 0:
+        return f"/var/log/scachefs/{name}.log"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/scachefs-{os.geteuid()}"
+    return os.path.join(base, "scachefs", f"{name}.log")
+
+
 def _detach_output() -> None:
     """Let go of the caller's stdout/stderr once mounted, so `$(scachefs ...)` returns.
 
     Logs then go to the journal (stderr under systemd), a log_file if one was given,
-    or syslog (/dev/log).
+    syslog (/dev/log), or else a file named after the mount point, said once on the
+    caller's terminal (see _fallback_log_file).
     """
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     root = logging.getLogger()
     held = [h for h in root.handlers if isinstance(h, _HeldLogs)]
     if not _stderr_is_journal():
-        if (held or any(isinstance(h, logging.StreamHandler)
-                        and getattr(h, "stream", None) is sys.stderr for h in root.handlers)) \
-                and os.path.exists("/dev/log"):
-            setup_logging(root.level == logging.DEBUG, to_syslog=True)
+        if held or any(isinstance(h, logging.StreamHandler)
+                       and getattr(h, "stream", None) is sys.stderr for h in root.handlers):
+            if os.path.exists("/dev/log"):
+                setup_logging(root.level == logging.DEBUG, to_syslog=True)
+            else:  # no journal, no syslog (containers): a file, and say once where
+                path = _fallback_log_file()
+                try:
+                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                    setup_logging(root.level == logging.DEBUG, log_file=path)
+                    where = path
+                except OSError as exc:
+                    where = f"nowhere ({path}: {exc.strerror})"
+                if not os.environ.get(RESTART_CAUSE_ENV):  # the holder says it, not its daemon
+                    print(f"scachefs: no syslog or journal here (no /dev/log): logs go to "
+                          f"{where}; -o log_file=PATH chooses", file=sys.stderr)
         os.dup2(devnull, 2)
     os.close(devnull)
     if held:
@@ -420,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint)
+    _LOG_NAME[0] = mountpoint
     if args.serve_fds:  # the daemon a holder started
         detach = bool(os.environ.get(_DETACHED_ENV))
         if detach:
