@@ -37,12 +37,13 @@ QUIET_SECONDS = 30.0  # a boot session whose reads stopped this long has ended
 TRACE_DIR_CHECK_SECONDS = 5.0  # how often the trace directory is checked for changes
 
 
-def open_trace_store(root_fd: int, options: MountOptions) -> TraceStore | None:
+def open_trace_store(root_fd: int, options: MountOptions,
+                     source: str = "SOURCE") -> TraceStore | None:
     """Open (creating it if needed) the trace directory; None, with a warning, if impossible."""
     host = options.host_id or socket.gethostname() or "host"
     if options.record == "off" and options.prefetch == "off":
         return None
-    where = options.trace_dir or "SOURCE/.scache/traces"
+    where = options.trace_dir or os.path.join(source, ".scache", "traces")
     try:
         if options.trace_dir:
             os.makedirs(options.trace_dir, mode=0o755, exist_ok=True)

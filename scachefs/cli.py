@@ -126,6 +126,54 @@ def setup_logging(debug: bool, to_syslog: bool = False, log_file: str | None = N
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+class _HeldLogs(logging.Handler):
+    """A background mount's log records, held until the mount is live.
+
+    A successful mount says nothing on the caller's terminal (mount(8), fstab and
+    scripts treat output on stderr as failure): once live, the records go where the
+    detached daemon logs. A mount that fails shows its warnings and errors on the
+    terminal after all, with the reason.
+    """
+
+    def __init__(self, terminal: logging.Handler) -> None:
+        super().__init__()
+        self.terminal = terminal
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 10_000:  # --debug before the mount is live: keep the start
+            self.records.append(record)
+
+    def pass_on(self, to: logging.Handler | None, level: int = logging.NOTSET) -> None:
+        """Pass the records held to ``to`` (None: drop them), from ``level`` up."""
+        records, self.records = self.records, []
+        for record in records:
+            if to is not None and record.levelno >= level:
+                to.handle(record)
+
+    def close(self) -> None:
+        # Records still held at exit: the mount never went live. Show what went wrong.
+        self.pass_on(self.terminal, logging.WARNING)
+        super().close()
+
+
+def _hold_logs() -> None:
+    """Hold the records of a background mount until it is live (see _HeldLogs)."""
+    root = logging.getLogger()
+    if _stderr_is_journal() or not any(
+            isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
+            for h in root.handlers):
+        return  # the journal, or a log_file: nothing reaches the caller's terminal
+    root.handlers[:] = [_HeldLogs(root.handlers[0])]
+
+
+def _release_logs_to_terminal() -> None:
+    """The mount failed: the held warnings and errors go to the terminal after all."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _HeldLogs):
+            handler.pass_on(handler.terminal, logging.WARNING)
+
+
 class MountError(Exception):
     """The mount could not be made; the message says why and what to do."""
 
@@ -276,6 +324,9 @@ def _daemonize(run: Callable[[Callable[[], None]], int]) -> int:
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, _HeldLogs):
+                handler.pass_on(None)  # the child shows or keeps them; never both of us
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
@@ -305,6 +356,7 @@ def _daemonize(run: Callable[[Callable[[], None]], int]) -> int:
         code = run(ready)
     except MountError as exc:
         log.error("%s", exc)
+        _release_logs_to_terminal()
         os.write(write_fd, f"scachefs: {exc}\n".encode())
         code = 1
     except BaseException:
@@ -312,6 +364,7 @@ def _daemonize(run: Callable[[Callable[[], None]], int]) -> int:
         code = 1
     finally:
         if not reported:
+            _release_logs_to_terminal()
             with contextlib.suppress(OSError):
                 os.close(write_fd)
     os._exit(code)
@@ -327,21 +380,51 @@ def _stderr_is_journal() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+_LOG_NAME = ["scachefs"]  # the mount point, for the name of a fallback log file
+
+
+def _fallback_log_file() -> str:
+    """Where a detached mount logs when there is no syslog, journal or log_file."""
+    name = _LOG_NAME[0].strip("/").replace("/", "-") or "root"
+    if os.geteuid() == 0:
+        return f"/var/log/scachefs/{name}.log"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/scachefs-{os.geteuid()}"
+    return os.path.join(base, "scachefs", f"{name}.log")
+
+
 def _detach_output() -> None:
     """Let go of the caller's stdout/stderr once mounted, so `$(scachefs ...)` returns.
 
     Logs then go to the journal (stderr under systemd), a log_file if one was given,
-    or syslog (/dev/log).
+    syslog (/dev/log), or else a file named after the mount point, said once on the
+    caller's terminal (see _fallback_log_file).
     """
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     root = logging.getLogger()
+    held = [h for h in root.handlers if isinstance(h, _HeldLogs)]
     if not _stderr_is_journal():
-        if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
-               for h in root.handlers) and os.path.exists("/dev/log"):
-            setup_logging(root.level == logging.DEBUG, to_syslog=True)
+        if held or any(isinstance(h, logging.StreamHandler)
+                       and getattr(h, "stream", None) is sys.stderr for h in root.handlers):
+            if os.path.exists("/dev/log"):
+                setup_logging(root.level == logging.DEBUG, to_syslog=True)
+            else:  # no journal, no syslog (containers): a file, and say once where
+                path = _fallback_log_file()
+                try:
+                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                    setup_logging(root.level == logging.DEBUG, log_file=path)
+                    where = path
+                except OSError as exc:
+                    where = f"nowhere ({path}: {exc.strerror})"
+                if not os.environ.get(RESTART_CAUSE_ENV):  # the holder says it, not its daemon
+                    print(f"scachefs: no syslog or journal here (no /dev/log): logs go to "
+                          f"{where}; -o log_file=PATH chooses", file=sys.stderr)
         os.dup2(devnull, 2)
     os.close(devnull)
+    if held:
+        if root.handlers == held:  # nowhere else to log: stderr, now /dev/null
+            root.handlers[:] = [held[0].terminal]
+        held[0].pass_on(root.handlers[0])  # what happened before the mount went live
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,9 +444,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint)
+    _LOG_NAME[0] = mountpoint
     if args.serve_fds:  # the daemon a holder started
-        return serve_with_fds(source, mountpoint, opts, args.serve_fds,
-                              detach=bool(os.environ.get(_DETACHED_ENV)))
+        detach = bool(os.environ.get(_DETACHED_ENV))
+        if detach:
+            _hold_logs()
+        return serve_with_fds(source, mountpoint, opts, args.serve_fds, detach=detach)
     daemon_args = [source, mountpoint, "-f", *(f"-o{o}" for o in args.options)]
     if args.debug:
         daemon_args.append("--debug")
@@ -378,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scachefs: {exc}", file=sys.stderr)
             return 1
         os.environ[_DETACHED_ENV] = "1"  # the holder's daemons log like it, once detached
+        _hold_logs()
         return _daemonize(run)
     try:
         return run(lambda: log.info("mount is live"))

@@ -113,7 +113,7 @@ class ScacheFS(Passthrough):
         self.prefixes = tuple(sorted(os.fsencode(p) for p in prefixes if p != "/"))
         self.started = time.time()
         self.demand_waiting = 0  # demand reads waiting for the store: prefetch yields to them
-        self.boots = Boots(open_trace_store(root_fd, options), self.cache, self.workers,
+        self.boots = Boots(open_trace_store(root_fd, options, source), self.cache, self.workers,
                            options, lambda: self.demand_waiting)
         self.hidden = frozenset({HIDDEN_DIR})
         self.scanned = trio.Event()  # set once the mount-time scan of the store is done

@@ -1,10 +1,10 @@
 """The store's answers through the mount: the same operation, as the same user, on a store
 file and on the same kind of file through an ``allow_other`` mount, gives the same result.
 
-Each test covers a class (every time field and special value, every signed offset,
-every xattr namespace on symlinks), not one case: ``tests/sameop.py`` runs one
-operation as the given user and reports its errno and value, once on the store and
-once through the mount.
+Each test covers a class, not one case: every time field and special value, every
+signed offset, every xattr namespace on every kind of file, writes through O_APPEND
+handles. ``tests/sameop.py`` runs the operations as the given user and reports each
+errno and value, once on the store and once through the mount.
 """
 
 from __future__ import annotations
@@ -54,14 +54,6 @@ def store(public_dir: Path) -> Path:
 def mnt(public_dir: Path) -> Path:
     (public_dir / "mnt").mkdir(mode=0o755)
     return public_dir / "mnt"
-
-
-def op(user: str | None, *args: str | int | os.PathLike[str]) -> dict[str, object]:
-    """Run one sameop.py operation as ``user`` (None: root); its {"errno", "value"}."""
-    out = run(PYTHON, SAMEOP, *(os.fspath(a) if isinstance(a, os.PathLike) else str(a)
-                                for a in args), user=user).stdout
-    result: dict[str, object] = json.loads(out)
-    return result
 
 
 def ops(user: str | None, items: list[tuple[str | int | os.PathLike[str], ...]]
