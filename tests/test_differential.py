@@ -143,6 +143,7 @@ def build_tree(root: Path, ids: dict[str, int], only: set[str] | None = None) ->
     g       0664, no ACL
     x       0754 with an ACL (acl-user r-x)
     suid    06775
+    sgid-nox 02664 (setgid without group execute: the old mandatory-locking mark)
     plain/  0775 with an ACL (acl-user rwx, denied r-x, EXTRA rwx): a, b, victim, sub/
     sticky/ 1777: a, b, victim (the owner's, 0666)
     sgid/   2777
@@ -196,11 +197,11 @@ def build_tree(root: Path, ids: dict[str, int], only: set[str] | None = None) ->
     os.utime(root, ns=(START, START))
 
 
-FILES = {"f": 0o664, "g": 0o664, "x": 0o754, "suid": 0o6775,
+FILES = {"f": 0o664, "g": 0o664, "x": 0o754, "suid": 0o6775, "sgid-nox": 0o2664,
          "plain/a": 0o644, "plain/b": 0o644, "plain/victim": 0o644,
          "sticky/a": 0o666, "sticky/b": 0o666, "sticky/victim": 0o666}
 DIRS = {"plain": 0o775, "plain/sub": 0o755, "sticky": 0o1777, "sgid": 0o2777, "dacl": 0o777}
-TOP = {"f", "g", "x", "suid", "plain", "sticky", "sgid", "dacl", "l"}
+TOP = {"f", "g", "x", "suid", "sgid-nox", "plain", "sticky", "sgid", "dacl", "l"}
 
 
 def needs(item: list[str], root: str) -> set[str]:
@@ -323,6 +324,11 @@ def _ops(ids: dict[str, int]) -> dict[str, Op]:
         "copy_file_range-setuid": lambda c, w: ["copy_range", f"{c}/g", f"{c}/suid", "0",
                                                 "0", "100"],
         "mmap-write": lambda c, w: ["mmap_write", f"{c}/f", "100", "MMAP"],
+        "open-write-sgid-nox": lambda c, w: ["openf", f"{c}/sgid-nox", "O_WRONLY", "0", "S"],
+        "fallocate-sgid-nox": lambda c, w: ["fallocate", f"{c}/sgid-nox", "0", "0", "8192"],
+        "copy_file_range-sgid-nox": lambda c, w: ["copy_range", f"{c}/g", f"{c}/sgid-nox",
+                                                  "0", "0", "100"],
+        "truncate-sgid-nox": lambda c, w: ["truncate", f"{c}/sgid-nox", "100"],
         "mmap-write-setuid": lambda c, w: ["mmap_write", f"{c}/suid", "100", "MMAP"],
         # xattrs
         **{f"setxattr-{s}": at("setxattr", "@/f", f"{s}.new",
