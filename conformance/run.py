@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -229,9 +228,10 @@ def run_fsx(fsx: Path, work: Path) -> Result:
         runs += 1
         ops = int(args[args.index("-N") + 1])
         logf = work / f"fsx-{name}.log"
+        (work / name).mkdir()  # fsx's own logs (.fsxlog, .fsxops, .fsxgood) of this run
         t0 = time.monotonic()
         with open(logf, "w") as f:
-            rc = subprocess.run([str(fsx), *args, "-q", "-P", str(work), str(target)],
+            rc = subprocess.run([str(fsx), *args, "-q", "-P", str(work / name), str(target)],
                                 stdout=f, stderr=subprocess.STDOUT, check=False).returncode
         log(f"fsx {name}: exit {rc} in {time.monotonic() - t0:.0f} s")
         if rc != 0:
@@ -245,14 +245,18 @@ def run_fsx(fsx: Path, work: Path) -> Result:
         src.mkdir()
         mnt.mkdir()
         with mounted(src, mnt, [f"passthrough={pt}", "cache_size=64M"],
-                     work / f"fsx-{pt}-scachefs.log"):
+                     work / f"fsx-{pt}-scachefs.log") as m:
             for mode, args in (("buffered", buffered), ("odirect", direct)):
                 one(f"pt{pt}-plain-{mode}", mnt / f"plain-{mode}", args)
                 # A backing layer of an open overlay: B (raw) is named by ov.qcow2, which a
                 # qemu-io process holds open through the mount, so B is served as a layer.
+                # fsx -k keeps B's 1 MiB of random bytes and size as its starting point.
+                # Byte 1 = byte 0: fsx probes copy_file_range by copying byte 0 to byte 1
+                # after it has read the file (harmless only on an empty file).
+                data = bytearray(os.urandom(1 << 20))
+                data[1] = data[0]
                 base = mnt / f"layer-{mode}.raw"
-                base.write_bytes(b"")
-                os.truncate(base, 64 << 20)
+                base.write_bytes(data)
                 ov = mnt / f"ov-{mode}.qcow2"
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name,
                                 "-F", "raw", str(ov)], check=True)
@@ -263,52 +267,70 @@ def run_fsx(fsx: Path, work: Path) -> Result:
                     time.sleep(1)
                     if holder.poll() is not None:
                         result.fail(f"qemu-io could not hold {ov} open")
-                    one(f"pt{pt}-layer-{mode}", base, args)
+                    if base.name not in layer_paths(m):
+                        result.fail(f"{base.name} is not served as a layer")
+                    one(f"pt{pt}-layer-{mode}", base, ["-k", *args])
                 finally:
                     holder.kill()
                     holder.wait()
 
     # Five SIGKILLs of the serving daemon during one fsx run (the holder restarts it and
-    # the new daemon takes the mount over: fsx must not notice).
-    src, mnt = work / "fsx-kill.src", work / "fsx-kill.mnt"
-    src.mkdir()
-    mnt.mkdir()
-    with mounted(src, mnt, ["cache_size=64M"], work / "fsx-kill-scachefs.log") as m:
-        logf = work / "fsx-kill.log"
-        args = ["-N", "200000", "-q", "-P", str(work), str(mnt / "killed")]
-        with open(logf, "w") as f:
-            proc = subprocess.Popen([str(fsx), *args], stdout=f, stderr=subprocess.STDOUT)
-            kills = 0
-            try:
-                while kills < 5 and proc.poll() is None:
-                    time.sleep(1.5)
-                    pid = m.daemon_pid()
-                    os.kill(pid, signal.SIGKILL)
-                    kills += 1
-                    deadline = time.monotonic() + 30
-                    while time.monotonic() < deadline:
-                        with contextlib.suppress(OSError, ValueError):
-                            if m.daemon_pid() != pid:
-                                break
-                        time.sleep(0.1)
-                    else:
-                        result.fail("the daemon was not restarted within 30 s")
-                        break
-                rc = proc.wait(timeout=1800)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        runs += 1
-        log(f"fsx with {kills} daemon kills: exit {rc}")
-        if kills < 5:
-            result.fail(f"fsx finished before 5 kills ({kills})")
-        if rc != 0:
-            result.fail(f"kill run: fsx exited {rc}: {tail(logf)}")
-        else:
-            ops_total += 200000
+    # the new daemon takes the mount over: fsx must not notice), with passthrough on (the
+    # kernel does the I/O, the daemon answers metadata) and off (every read and write
+    # goes through the daemon).
+    for pt in ("on", "off"):
+        name = f"pt{pt}-kill5"
+        src, mnt = work / f"{name}.src", work / f"{name}.mnt"
+        src.mkdir()
+        mnt.mkdir()
+        (work / name).mkdir()
+        with mounted(src, mnt, [f"passthrough={pt}", "cache_size=64M"],
+                     work / f"{name}-scachefs.log") as m:
+            logf = work / f"fsx-{name}.log"
+            ops = 40000
+            with open(logf, "w") as f:
+                proc = subprocess.Popen([str(fsx), "-N", str(ops), "-q", "-P", str(work / name),
+                                         str(mnt / "killed")], stdout=f, stderr=subprocess.STDOUT)
+                kills, rc = 0, None
+                t0 = time.monotonic()
+                try:
+                    while kills < 5 and proc.poll() is None:
+                        time.sleep(1.0)
+                        pid = m.daemon_pid()
+                        os.kill(pid, signal.SIGKILL)
+                        kills += 1
+                        if not wait_new_daemon(m, pid):
+                            result.fail(f"{name}: the daemon was not restarted within 30 s")
+                            break
+                    rc = proc.wait(timeout=1800)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            runs += 1
+            log(f"fsx {name}: {kills} daemon kills, exit {rc} in {time.monotonic() - t0:.0f} s")
+            if kills < 5:
+                result.fail(f"{name}: fsx finished after {kills} kills, before the fifth")
+            if rc != 0:
+                result.fail(f"{name}: fsx exited {rc}: {tail(logf)}")
+            else:
+                ops_total += ops
     result.counts = f"{runs} runs, {ops_total} operations passed"
     return result
+
+
+def wait_new_daemon(m: ScachefsMount, old: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if m.daemon_pid() != old:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def layer_paths(m: ScachefsMount) -> list[str]:
+    return [str(layer["path"]) for layer in m.stats().get("layers") or []]  # type: ignore[attr-defined]
 
 
 def tail(path: Path, n: int = 6) -> str:
@@ -368,7 +390,8 @@ export MOUNT_OPTIONS="-o {common},log_file={work}/scratch-scachefs.log"
         reasons.setdefault(reason, []).append(t)
     with open(work / "notrun-reasons.txt", "w") as f:
         for reason, tests in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-            f.write(f"{len(tests):4d}  {reason}  ({' '.join(tests[:6])}{' ...' if len(tests) > 6 else ''})\n")
+            some = " ".join(tests[:6]) + (" ..." if len(tests) > 6 else "")
+            f.write(f"{len(tests):4d}  {reason}  ({some})\n")
     compare(result, HERE / "xfstests.expected", failing)
     return result
 
