@@ -16,7 +16,7 @@ BINDIR := /usr/local/bin
 SBINDIR := /sbin
 MANDIR := /usr/local/share/man
 
-.PHONY: all setup apt venv helpers demo test test-quick soak lint clean
+.PHONY: all setup apt venv helpers demo test test-quick soak conformance lint clean
 
 all: test
 
@@ -72,6 +72,20 @@ test-quick: setup
 SOAK_SECONDS ?= 600
 soak: setup
 	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v tests/test_stress.py
+
+# Third-party conformance suites against real mounts (docs/reliability.md, "Conformance"):
+# pjdfstest, fsx and xfstests' generic quick group, about 35 minutes. The suites' pristine
+# tarballs come from SUITES (relative to this checkout); they are built once into
+# SUITES_CACHE with their own Debian build dependencies.
+SUITES ?= ../shared/suites
+SUITES_CACHE ?= /var/cache/scachefs-suites
+CONFORMANCE_APT_PACKAGES := autoconf automake libtool-bin make gcc gawk bc psmisc perl \
+	xfsprogs xfslibs-dev uuid-dev uuid-runtime libacl1-dev libattr1-dev libaio-dev \
+	liburing-dev libcap-dev libgdbm-dev libssl-dev acl attr quota fio dbench sqlite3 \
+	qemu-utils fuse3
+conformance: setup
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(CONFORMANCE_APT_PACKAGES)"
+	$(PY) conformance/run.py --suites "$(SUITES)" --cache "$(SUITES_CACHE)"
 
 lint: setup
 	$(VENV)/bin/ruff check .
