@@ -132,24 +132,39 @@ class ScachefsMount:
     def daemon_pid(self) -> int:
         return int(self.stats()["pid"])  # type: ignore[call-overload]
 
-    def unmount(self) -> None:
+    def unmount(self) -> str | None:
+        """Unmount; a problem (the daemon did not exit) as a string."""
+        problem = None
+        daemon = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            daemon = self.daemon_pid()
         subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            problem = f"scachefs on {self.mnt} did not exit within 30 s of its unmount"
             self.proc.kill()
             self.proc.wait()
-            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
+        if daemon is not None and daemon != self.proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, 0)
+                problem = problem or f"the daemon of {self.mnt} outlived its holder"
+                os.kill(daemon, signal.SIGKILL)
         self._log.close()
+        return problem
 
 
 @contextlib.contextmanager
-def mounted(source: Path, mnt: Path, options: list[str], logfile: Path) -> Iterator[ScachefsMount]:
+def mounted(source: Path, mnt: Path, options: list[str], logfile: Path,
+            result: Result) -> Iterator[ScachefsMount]:
     m = ScachefsMount(source, mnt, options, logfile)
     try:
         yield m
     finally:
-        m.unmount()
+        problem = m.unmount()
+        if problem:
+            result.fail(f"{problem} (log {logfile})")
 
 
 # ---------------------------------------------------------------- pjdfstest
@@ -164,7 +179,7 @@ def run_pjdfstest(pjd: Path, work: Path) -> Result:
     src.mkdir()
     mnt.mkdir()
     out = work / "pjdfstest.log"
-    with mounted(src, mnt, ["cache_size=64M"], work / "pjd-scachefs.log"):
+    with mounted(src, mnt, ["cache_size=64M"], work / "pjd-scachefs.log", result):
         tdir = mnt / "run"
         tdir.mkdir()
         with open(out, "w") as f:
@@ -245,7 +260,7 @@ def run_fsx(fsx: Path, work: Path) -> Result:
         src.mkdir()
         mnt.mkdir()
         with mounted(src, mnt, [f"passthrough={pt}", "cache_size=64M"],
-                     work / f"fsx-{pt}-scachefs.log") as m:
+                     work / f"fsx-{pt}-scachefs.log", result) as m:
             for mode, args in (("buffered", buffered), ("odirect", direct)):
                 one(f"pt{pt}-plain-{mode}", mnt / f"plain-{mode}", args)
                 # A backing layer of an open overlay: B (raw) is named by ov.qcow2, which a
@@ -285,7 +300,7 @@ def run_fsx(fsx: Path, work: Path) -> Result:
         mnt.mkdir()
         (work / name).mkdir()
         with mounted(src, mnt, [f"passthrough={pt}", "cache_size=64M"],
-                     work / f"{name}-scachefs.log") as m:
+                     work / f"{name}-scachefs.log", result) as m:
             logf = work / f"fsx-{name}.log"
             ops = 40000
             with open(logf, "w") as f:
