@@ -359,7 +359,9 @@ def run_xfstests(xfs: Path, work: Path) -> Result:
     for d in ("test.src", "test.mnt", "scratch.src", "scratch.mnt", "results"):
         (work / d).mkdir()
     # Each mount logs to a file: a daemon's stderr would land in the tests' output.
-    common = "allow_other,cache_size=256M"
+    # dev,suid: the mount honours device nodes and setuid bits as a root-mounted file
+    # system does (FUSE's defaults are nodev,nosuid), so the tests of both can run.
+    common = "allow_other,dev,suid,cache_size=256M"
     config = work / "local.config"
     config.write_text(f"""\
 export FSTYP=fuse
@@ -425,6 +427,16 @@ def main() -> int:
     if not SCACHEFS.exists():
         print(f"conformance: {SCACHEFS} is missing: run `make setup` first")
         return 2
+    if not Path("/sbin/mount.fuse.scachefs").exists():
+        print("conformance: /sbin/mount.fuse.scachefs is missing: run `make setup` first")
+        return 2
+    if os.environ.get("SCACHEFS_CONFORMANCE_NS") != "1":
+        # Run in a private mount namespace: a mount namespace that some other program
+        # creates meanwhile would otherwise copy our mounts and keep their superblocks
+        # (and daemons) alive after we unmount them (seen here with debootstrap).
+        os.environ["SCACHEFS_CONFORMANCE_NS"] = "1"
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--",
+                              sys.executable, *sys.argv])
     t0 = time.monotonic()
     suites = Path(args.suites).resolve()
     built = subprocess.run([str(HERE / "build.sh"), str(suites), args.cache],
@@ -434,6 +446,7 @@ def main() -> int:
     dirs = dict(line.split("=", 1) for line in built.stdout.split())
     log(f"suites built ({time.monotonic() - t0:.0f} s): {dirs}")
     work = Path(tempfile.mkdtemp(prefix="scachefs-conformance-", dir="/tmp"))
+    work.chmod(0o755)  # the suites' other users must reach the mount points inside
     log(f"work directory {work}")
     results = []
     for part in args.parts:
