@@ -82,7 +82,7 @@ SUITES_CACHE ?= /var/cache/scachefs-suites
 CONFORMANCE_APT_PACKAGES := autoconf automake libtool-bin make gcc gawk bc psmisc perl \
 	xfsprogs xfslibs-dev uuid-dev uuid-runtime libacl1-dev libattr1-dev libaio-dev \
 	liburing-dev libcap-dev libgdbm-dev libssl-dev acl attr quota fio dbench sqlite3 \
-	qemu-utils fuse3
+	qemu-utils fuse3 fsverity acct
 conformance: setup
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(CONFORMANCE_APT_PACKAGES)"
 	$(PY) conformance/run.py --suites "$(SUITES)" --cache "$(SUITES_CACHE)"

@@ -397,8 +397,11 @@ export MOUNT_OPTIONS="-o {common},log_file={work}/scratch-scachefs.log"
     for t in failures:
         bad = work / "results" / f"{t}.out.bad"
         failing[t] = "output mismatch" if bad.exists() else "failed"
-    result.counts = (f"{len(ran) - len(failures)} passed, {len(failures)} failed, "
-                     f"{len(notrun)} not run (log {out}, results {work}/results)")
+    # "Ran:" names every test check tried, including those that did not run.
+    passed = len(set(ran) - set(failures) - set(notrun))
+    result.counts = (f"{passed} passed, {len(failures)} failed, {len(notrun)} not run "
+                     f"(log {out}, results {work}/results, not-run reasons "
+                     f"{work}/notrun-reasons.txt)")
     # Why tests did not run: one line per reason, with how many tests gave it.
     reasons: dict[str, list[str]] = {}
     for t in notrun:
