@@ -12,7 +12,10 @@ serving daemon (:mod:`scachefs.daemon`) as its child with copies of them.
 - SIGHUP (``systemctl reload``, ``scachefs-stat --upgrade``): graceful upgrade.
   The daemon stops reading requests, answers those in hand and exits; the holder
   starts the new code installed on disk, which takes over.
-- SIGTERM/SIGINT: the daemon unmounts and exits; so does the holder.
+- SIGTERM/SIGINT: the daemon unmounts and exits; so does the holder. Except when
+  systemd sends SIGTERM to restart the unit (`systemctl restart`: its job says so):
+  then the daemon hands over, and the holder exits leaving the mount and its
+  descriptors in systemd's fd store, from which the next holder takes it over.
 - Where a takeover cannot work (a kernel without FUSE_NOTIFY_RESEND, state that
   cannot be trusted, ``restart=off``, a daemon that keeps crashing) the holder
   falls back to what happens without it: it lets the connection go, so clients
@@ -25,6 +28,7 @@ mount then lives until that daemon ends, and goes away cleanly (ENOTCONN) then.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,7 +42,7 @@ from scachefs import arena, keeper, state
 from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
-from scachefs.sdnotify import sd_notify
+from scachefs.sdnotify import restart_pending, sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,9 @@ FDSTORE_NAMES = ("scachefs-fuse", "scachefs-root", "scachefs-state", "scachefs-a
 def stored_fds() -> dict[str, int] | None:
     """The descriptors systemd's fd store gave back to a restarted holder (LISTEN_FDS).
 
-    None unless all four are there (then the mount lives on: take it over).
+    None unless all four are there (then the mount lives on: take it over). A partial
+    set is of no use (a connection without its state cannot be taken over): it is closed
+    and removed from the fd store (FDSTOREREMOVE), never left there; so are extra copies.
     """
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
@@ -71,8 +77,28 @@ def stored_fds() -> dict[str, int] | None:
     names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(variable, None)
-    found = {name: 3 + i for i, name in enumerate(names[:count]) if name in FDSTORE_NAMES}
-    return found if set(found) == set(FDSTORE_NAMES) else None
+    given = {3 + i: (names[i] if i < len(names) else "") for i in range(count)}
+    found: dict[str, int] = {}
+    for fd, name in given.items():
+        if name in FDSTORE_NAMES:
+            found[name] = fd  # the last of each name: the newest
+    keep = set(found.values()) if set(found) == set(FDSTORE_NAMES) else set()
+    extra = [fd for fd in given if fd not in keep]
+    if extra:
+        if keep:
+            log.warning("systemd's fd store held %d descriptors more than the mount's four: "
+                        "dropping them", len(extra))
+        else:
+            log.warning("systemd's fd store gave back %s, not the mount's four descriptors: "
+                        "a partial set cannot be taken over; releasing it",
+                        ", ".join(sorted(set(given.values()))) or "nothing named")
+        for fd in extra:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # Removal goes by name (all copies); the holder stores the kept ones again.
+        for name in sorted({given[fd] for fd in extra if given[fd]}):
+            sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    return found if keep else None
 
 
 class Holder:
@@ -94,6 +120,7 @@ class Holder:
         self._ready_seen = False  # a daemon said the mount is live
         self._daemon_ready = False  # the current daemon serves and handles SIGUSR1
         self._crashes: list[float] = []
+        self._keep = False  # systemd restarts the unit: leave the mount to the next holder
         self.proc: subprocess.Popen[bytes] | None = None
         self.kept = keeper.Kept()  # copies of the daemons' open files (see keeper.py)
 
@@ -147,14 +174,19 @@ class Holder:
                 log.warning("the daemon %s; starting a successor that takes over the mount",
                             describe(returncode))
         finally:
-            fuse_mount.unmount(self.spec.mountpoint, self.fuse_fd)
+            if self._keep and fuse_mount.connection_alive(self.fuse_fd):
+                log.info("left %s mounted for the next holder", self.spec.mountpoint)
+            else:
+                self._keep = False
+                fuse_mount.unmount(self.spec.mountpoint, self.fuse_fd)
             os.close(self.fuse_fd)
             os.close(self.state_fd)
             os.close(self.arena_fd)
             self.kept.close()
-            for name in FDSTORE_NAMES:
-                sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-            log.info("unmounted %s", self.spec.mountpoint)
+            if not self._keep:
+                for name in FDSTORE_NAMES:
+                    sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+                log.info("unmounted %s", self.spec.mountpoint)
         return code
 
     def _why_not_restart(self, returncode: int) -> str | None:
@@ -219,8 +251,19 @@ class Holder:
                 self.proc.send_signal(signal.SIGUSR1)
             if self._stop is not None and not forwarded:
                 forwarded = True
-                sd_notify("STOPPING=1")
-                self.proc.send_signal(signal.SIGTERM)
+                if self._stop == signal.SIGTERM and restart_pending():
+                    # `systemctl restart`: the next holder takes the mount over from the
+                    # fd store, so open files keep working (a stall, not an unmount).
+                    self._keep = True
+                    log.info("systemd restarts the unit: leaving the mount to the next "
+                             "holder (fd store)")
+                    if self._daemon_ready:
+                        self.proc.send_signal(signal.SIGUSR1)  # finish what is in hand
+                    else:
+                        self.proc.kill()
+                else:
+                    sd_notify("STOPPING=1")
+                    self.proc.send_signal(signal.SIGTERM)
 
     def _wait_ready(self, fd: int, ready: Callable[[], None] | None) -> None:
         with os.fdopen(fd, "rb") as pipe:
