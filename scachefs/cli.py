@@ -20,12 +20,18 @@ import stat
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from scachefs import __version__, daemon
+from scachefs import __version__
 from scachefs.fuse import mount as fuse_mount
 from scachefs.holder import RESTART_CAUSE_ENV, Holder, stored_fds
 from scachefs.options import MountOptions, OptionError, parse_options, split_option_string
 from scachefs.sdnotify import sd_notify
+
+if TYPE_CHECKING:
+    from scachefs import daemon
+# scachefs.daemon (trio and the whole file system: 0.3 s of imports) is imported where a
+# daemon runs, not in the holder: a takeover waits for the holder's start-up.
 
 log = logging.getLogger("scachefs")
 
@@ -336,6 +342,7 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
     # Without a holder there is nobody to upgrade to: SIGHUP (systemctl reload) must not
     # kill the mount, as its default action would.
     signal.signal(signal.SIGHUP, _sighup_without_holder)
+    from scachefs import daemon
     try:
         return _serve_daemon(source, mountpoint, opts,
                              daemon.Descriptors(fd, root_fd), "mount", ready_single)
@@ -352,6 +359,7 @@ def _sighup_without_holder(signum: int, frame: object) -> None:
 
 def _serve_daemon(source: str, mountpoint: str, opts: MountOptions, fds: daemon.Descriptors,
                   cause: str, ready: Callable[[], None]) -> int:
+    from scachefs import daemon
     try:
         return daemon.serve(source, mountpoint, opts, fds, cause, ready)
     except BaseException as exc:
@@ -386,6 +394,7 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
             pass
 
     cause = os.environ.get(RESTART_CAUSE_ENV, "mount")
+    from scachefs import daemon
     try:
         return _serve_daemon(source, mountpoint, opts,
                              daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd,

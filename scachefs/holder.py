@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable
 
 from scachefs import arena, keeper, state
-from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
 from scachefs.sdnotify import restart_pending, sd_notify
@@ -155,6 +154,8 @@ class Holder:
                     raise OSError(0, f"the daemon {describe(returncode)} before the mount "
                                      "was live (its log says why)")
                 first = False
+                # Imported now, not at start-up: the daemon is running meanwhile.
+                from scachefs.daemon import EXIT_HANDOVER
                 if returncode == 0 or not fuse_mount.connection_alive(self.fuse_fd):
                     break  # unmounted
                 if self._stop is not None:
@@ -191,6 +192,7 @@ class Holder:
 
     def _why_not_restart(self, returncode: int) -> str | None:
         """None if a successor can take over the connection, else why not."""
+        from scachefs.daemon import EXIT_STATE_LOST
         if not self.restart:
             return "restart=off"
         if returncode == EXIT_STATE_LOST:

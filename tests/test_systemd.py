@@ -228,3 +228,241 @@ def test_remount_upgrades_applies_flags_and_refuses_the_rest(
     except StatError as exc:
         raise AssertionError(f"the mount is gone: {exc}") from None
     assert mount.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- real systemd
+
+READER = Path(__file__).with_name("sysd_reader.py")
+DATA = 32 * MiB
+SVC = r"scachefs@var-lib-vm\x2dsvc.service"  # a mount point with "-": /var/lib/vm-svc
+OPTS = "allow_other,cache_size=64M,layers=all,record=off,prefetch=off,require_mount"
+UNITS = {
+    # The store: a bind mount (a "network" one, _netdev) that comes up 3 s into boot.
+    "store-delay.service": """[Unit]
+Description=the store comes up late
+DefaultDependencies=no
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sleep 3
+""",
+    "srv-images.mount": """[Unit]
+Description=the image store (late)
+Requires=store-delay.service
+After=store-delay.service
+[Mount]
+What=/var/store-data
+Where=/srv/images
+Type=none
+Options=bind,_netdev
+[Install]
+WantedBy=remote-fs.target
+""",
+    # What a VM unit does per docs/operations.md, for the service and for the .mount.
+    "vm-svc.service": f"""[Unit]
+Requires={SVC}
+After={SVC}
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'cmp /var/lib/vm-svc/data /var/store-data/data && touch /run/vm-svc.ok'
+[Install]
+WantedBy=multi-user.target
+""",
+    "vm-mnt.service": """[Unit]
+RequiresMountsFor=/var/lib/scache
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'cmp /var/lib/scache/data /var/store-data/data && touch /run/vm-mnt.ok'
+[Install]
+WantedBy=multi-user.target
+""",
+}
+FSTAB = ("/srv/images /var/lib/vm-cache fuse.scachefs "
+         f"{OPTS},_netdev,x-systemd.requires-mounts-for=/srv/images 0 0\n")
+
+
+def _setup_root(root: Path) -> None:
+    """The unit files and the mount helper as shipped, plus the store, a delayed store
+    mount, VM units ordered as the docs say, an fstab line, and the reader."""
+    systemd = root / "etc/systemd/system"
+    for name in ("scachefs@.service", "var-lib-scache.mount"):
+        (systemd / name).write_bytes((Path(__file__).parent.parent / "mount-helpers" / name)
+                                     .read_bytes())
+    for name, text in UNITS.items():
+        (systemd / name).write_text(text)
+    # The example .mount's options, for this test: layers=all so that the reader's file is
+    # served by the daemon (a plain file would go through passthrough, never stalling).
+    dropin = systemd / "var-lib-scache.mount.d"
+    dropin.mkdir()
+    (dropin / "test.conf").write_text(f"[Mount]\nOptions={OPTS},_netdev\n")
+    # The documented recipe for the service and a store that mounts later.
+    dropin = systemd / f"{SVC}.d"
+    dropin.mkdir()
+    (dropin / "store.conf").write_text("[Unit]\nRequiresMountsFor=/srv/images\n")
+    config = root / "etc/scachefs/var/lib/vm-svc.conf"
+    config.parent.mkdir(parents=True)
+    config.write_text(f"SCACHEFS_SOURCE=/srv/images\nSCACHEFS_OPTIONS={OPTS}\n")
+    for target, units in (("remote-fs.target", ["var-lib-scache.mount", "srv-images.mount"]),
+                          ("multi-user.target", [SVC, "vm-svc.service", "vm-mnt.service"])):
+        wants = systemd / f"{target}.wants"
+        wants.mkdir(exist_ok=True)
+        for unit in units:
+            source = "scachefs@.service" if unit.startswith("scachefs@") else unit
+            (wants / unit).symlink_to(f"/etc/systemd/system/{source}")
+    with open(root / "etc/fstab", "a") as fstab:
+        fstab.write(FSTAB)
+    for path in ("srv/images", "var/lib/scache", "var/lib/vm-cache", "var/lib/vm-svc",
+                 "var/store-data"):
+        (root / path).mkdir(parents=True, exist_ok=True)
+    (root / "var/store-data/data").write_bytes(os.urandom(DATA))
+    (root / "root/reader.py").write_bytes(READER.read_bytes())
+
+
+class Figures:
+    """Client errors and the worst stall per event, for the closing note."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, object]] = {}
+
+    def add(self, name: str, result: dict[str, object], command: str) -> None:
+        self.rows[name] = dict(result, command=command)
+        print(f"{name:28} errors {result['errors']:3}  worst stall {result['worst_stall']:6.3f}"
+              f" s  reads {result['reads']:6}  ({command})")
+
+
+def _measured(box: object, name: str, path: str, command: str, figures: Figures,
+              wait: str = "", before: float = 1.5, after: float = 2.0) -> dict[str, object]:
+    """Run the reader on path around `command` (then `wait`, a shell condition polled up
+    to 30 s); its result."""
+    from tests.container import Container
+    assert isinstance(box, Container)
+    tag = name.replace(" ", "-")
+    reader = box.popen(["python3", "/root/reader.py", path, "/var/store-data/data", tag])
+    time.sleep(before)
+    assert reader.poll() is None, reader.communicate()
+    box.run(command, timeout=90)
+    if wait:
+        box.run(f"for i in $(seq 300); do {wait} && exit 0; sleep 0.1; done; exit 1", timeout=60)
+    time.sleep(after)
+    box.run(["touch", f"/run/reader.{tag}.stop"])
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    result: dict[str, object] = json.loads(out)
+    figures.add(name, result, command)
+    return result
+
+
+def _fd_store(box: object, unit: str) -> int:
+    from tests.container import Container
+    assert isinstance(box, Container)
+    return int(box.run(["systemctl", "show", "-P", "NFileDescriptorStore", unit]).stdout)
+
+
+def _mounts_at(box: object, path: str) -> list[str]:
+    from tests.container import Container
+    assert isinstance(box, Container)
+    lines = box.run(["cat", "/proc/self/mountinfo"]).stdout.splitlines()
+    return [line.split(" - ")[1].split()[0] for line in lines if line.split()[4] == path]
+
+
+def test_units_under_systemd_as_pid1(tmp_path: Path) -> None:
+    """Boot systemd 252 as PID 1 (systemd-nspawn) with the shipped unit files and drive
+    them: mounts at boot after a store that comes up 3 s late (the .mount unit, an fstab
+    line, the service for a mount point with "-"), VM units ordered as documented, then
+    reload, daemon SIGKILL, holder SIGKILL, restart and stop, busy and idle, with a
+    reader that checks every byte and counts errors."""
+    from tests import container
+
+    missing = container.missing_tools()
+    assert not missing, f"missing {missing}: `make setup` installs systemd-container, " \
+                        "debootstrap and util-linux"
+    started = time.monotonic()
+    _, build = container.ensure_root()
+    print(f"container root {container.ROOT_VERSION}: built once in {build['build_seconds']} s "
+          f"(cached); ready here in {time.monotonic() - started:.1f} s")
+    wheels = container.build_wheels(tmp_path / "wheels")
+    assert any(w.name.startswith("scachefs-") for w in wheels)
+    figures = Figures()
+    with container.booted(_setup_root, tmp_path / "wheels") as box:
+        # ------------------------------------------------------------------ boot
+        box.run("for i in $(seq 600); do s=$(systemctl is-system-running); "
+                "[ \"$s\" = running ] || [ \"$s\" = degraded ] && exit 0; sleep 0.1; done; "
+                "exit 1", timeout=90)
+        state = box.run(["systemctl", "is-system-running"], check=False).stdout.strip()
+        failed = box.run(["systemctl", "--failed", "--no-legend", "--plain"]).stdout
+        assert state == "running", f"{state}: {failed}\n{box.journal(lines=300)}"
+        for path in ("/var/lib/scache", "/var/lib/vm-cache", "/var/lib/vm-svc"):
+            assert _mounts_at(box, path) == ["fuse.scachefs"], (path, box.journal())
+        # Nothing served or written before the store was there: the directory under the
+        # store's mount is still empty.
+        box.run("mkdir -p /run/rootview && mount --bind / /run/rootview")
+        under = box.run(["ls", "-A", "/run/rootview/srv/images"]).stdout.split()
+        assert under == [], f"the store's mount point was written into: {under}"
+        assert box.run("test -e /run/vm-svc.ok && test -e /run/vm-mnt.ok",
+                       check=False).returncode == 0, box.journal(lines=300)
+        # The .mount unit's LimitNOFILE= reached the daemon, which raised its soft limit.
+        limits = box.run("pid=$(pgrep -f 'serve-fd[s].* /var/lib/scache ' | head -1); "
+                         "grep 'Max open files' /proc/$pid/limits").stdout.split()
+        assert limits[3] == limits[4], limits
+        assert _fd_store(box, SVC) == 4
+        # ------------------------------------------------------------------ busy events
+        svc_path = "/var/lib/vm-svc/data"
+        gen = ("[ $(scachefs-stat --json /var/lib/vm-svc | python3 -c 'import json,sys; "
+               "print(json.load(sys.stdin)[\"generation\"])') -ge {} ]")
+        events = [
+            ("reload", f"systemctl reload '{SVC}'", gen.format(1)),
+            ("daemon SIGKILL", "pkill -KILL -f 'serve-fd[s].* /var/lib/vm-svc '", gen.format(2)),
+            ("holder SIGKILL", f"systemctl kill -s KILL --kill-who=main '{SVC}'",
+             gen.format(3)),
+            ("systemctl restart", f"systemctl restart '{SVC}'", gen.format(4)),
+        ]
+        for name, command, wait in events:
+            result = _measured(box, name, svc_path, command, figures, wait)
+            assert box.run(["systemctl", "is-active", SVC], check=False).stdout.strip() \
+                == "active", box.journal(SVC)
+            assert _mounts_at(box, "/var/lib/vm-svc") == ["fuse.scachefs"], box.journal(SVC)
+            assert _fd_store(box, SVC) == 4, box.journal(SVC)
+            assert result["errors"] == 0, (name, result, box.journal(SVC))
+            assert float(str(result["worst_stall"])) < 5, (name, result)
+        result = _measured(box, ".mount reload", "/var/lib/scache/data",
+                           "systemctl reload var-lib-scache.mount", figures)
+        assert result["errors"] == 0, (result, box.journal("var-lib-scache.mount"))
+        assert _mounts_at(box, "/var/lib/scache") == ["fuse.scachefs"]
+        # ------------------------------------------------------------------ stop, busy
+        tag = "stop-busy"
+        reader = box.popen(["python3", "/root/reader.py", svc_path, "/var/store-data/data",
+                            tag])
+        time.sleep(1.5)
+        t = time.monotonic()
+        box.run(["systemctl", "stop", SVC], timeout=60)
+        stop_seconds = time.monotonic() - t
+        box.run(["touch", f"/run/reader.{tag}.stop"])
+        out, _ = reader.communicate(timeout=60)
+        busy_stop = json.loads(out)
+        print(f"stop of a busy mount: {stop_seconds:.1f} s; the reader then got "
+              f"{busy_stop['errors']} errors, e.g. {busy_stop['events'][:1]}")
+        # As documented: open files served 10 s more (STOP_GRACE), then ENOTCONN; the
+        # unit ends cleanly within its TimeoutStopSec.
+        assert 8 < stop_seconds < 25, stop_seconds
+        assert box.run(["systemctl", "is-active", SVC], check=False).stdout.strip() \
+            == "inactive", box.journal(SVC)
+        assert _mounts_at(box, "/var/lib/vm-svc") == []
+        assert _fd_store(box, SVC) == 0
+        # ------------------------------------------------------------------ idle
+        box.run(["systemctl", "start", SVC], timeout=60)
+        box.run(["systemctl", "restart", SVC], timeout=60)
+        assert _mounts_at(box, "/var/lib/vm-svc") == ["fuse.scachefs"]
+        assert _fd_store(box, SVC) == 4
+        assert box.run(["cmp", svc_path, "/var/store-data/data"]).returncode == 0
+        t = time.monotonic()
+        box.run(["systemctl", "stop", SVC], timeout=60)
+        assert time.monotonic() - t < 5
+        assert _mounts_at(box, "/var/lib/vm-svc") == []
+        assert _fd_store(box, SVC) == 0
+        journal = box.journal(SVC, lines=1000)
+        assert "Failed to add fd to store" not in box.journal(lines=3000)
+        assert "Traceback" not in journal, journal
+    (tmp_path / "figures.json").write_text(json.dumps(figures.rows, indent=2))
+    print(json.dumps(figures.rows, indent=2))
