@@ -154,6 +154,7 @@ class Container:
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self.console = workdir / "console.log"
+        self.boot_seconds = 0.0
 
     def boot(self, timeout: float = 90.0) -> float:
         """Boot; the seconds until systemd reached its default target (or running state)."""
@@ -177,7 +178,8 @@ class Container:
                 state = self.run(["systemctl", "is-system-running"], check=False,
                                  timeout=10).stdout.strip()
                 if state in ("running", "degraded"):
-                    return time.monotonic() - started
+                    self.boot_seconds = time.monotonic() - started
+                    return self.boot_seconds
             time.sleep(0.3)
         raise ContainerError("the container did not finish booting in time:\n"
                              + self.console.read_text(errors="replace")[-3000:])
