@@ -16,6 +16,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import stat
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from scachefs import __version__
 from scachefs.fuse import mount as fuse_mount
-from scachefs.holder import RESTART_CAUSE_ENV, Holder, stored_fds
+from scachefs.holder import RESTART_CAUSE_ENV, STANDBY_ENV, Holder, stored_fds
 from scachefs.options import MountOptions, OptionError, parse_options, split_option_string
 from scachefs.sdnotify import sd_notify
 
@@ -395,6 +396,15 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
 
     cause = os.environ.get(RESTART_CAUSE_ENV, "mount")
     from scachefs import daemon
+    standby = os.environ.pop(STANDBY_ENV, None)
+    if standby is not None:  # an upgrade's successor: loaded; wait until it is our turn
+        with socket.socket(fileno=int(standby)) as go:
+            try:
+                go.sendall(b"l")
+                if go.recv(1) != b"g":
+                    return 0  # the upgrade was called off
+            except OSError:
+                return 0
     try:
         return _serve_daemon(source, mountpoint, opts,
                              daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd,

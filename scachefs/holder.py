@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 CRASH_WINDOW = 60.0  # seconds: more than CRASH_LIMIT restarts in this window ...
 CRASH_LIMIT = 10  # ... means the daemon cannot run here: give up
 RESTART_CAUSE_ENV = "SCACHEFS_RESTART_CAUSE"
+STANDBY_ENV = "SCACHEFS_STANDBY_FD"  # an upgrade's successor waits on this socket
+STANDBY_TIMEOUT = 30.0  # seconds a standby may take to load its code
 
 
 def describe(returncode: int) -> str:
@@ -120,6 +123,10 @@ class Holder:
         self._daemon_ready = False  # the current daemon serves and handles SIGUSR1
         self._crashes: list[float] = []
         self._keep = False  # systemd restarts the unit: leave the mount to the next holder
+        # An upgrade's successor, loaded and waiting for the daemon to hand over:
+        # (process, ready pipe, keeper end, its go socket).
+        self._standby: tuple[subprocess.Popen[bytes], int, socket.socket,
+                             socket.socket] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.kept = keeper.Kept()  # copies of the daemons' open files (see keeper.py)
 
@@ -175,6 +182,9 @@ class Holder:
                 log.warning("the daemon %s; starting a successor that takes over the mount",
                             describe(returncode))
         finally:
+            if self._standby is not None:
+                self._drop_standby(self._standby)
+                self._standby = None
             if self._keep and fuse_mount.connection_alive(self.fuse_fd):
                 log.info("left %s mounted for the next holder", self.spec.mountpoint)
             else:
@@ -215,23 +225,81 @@ class Holder:
             return f"it crashed {len(self._crashes)} times within {CRASH_WINDOW:.0f} s"
         return None
 
-    def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
-        """Start a daemon on our descriptors and wait for it to end; its return code."""
+    def _spawn(self, cause: str, go: socket.socket | None = None
+               ) -> tuple[subprocess.Popen[bytes], int, socket.socket]:
+        """Start a daemon on our descriptors: (process, its ready pipe, our keeper end).
+
+        With ``go``, a standby: it loads its code, says so (b"l") and waits for b"g"
+        before it touches the connection or the state.
+        """
         read_end, write_end = os.pipe()
-        self._daemon_ready = False
         ours, theirs = keeper.pair()
         fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd,
                theirs.fileno())
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[RESTART_CAUSE_ENV] = cause
+        pass_fds: tuple[int, ...] = fds
+        if go is not None:
+            env[STANDBY_ENV] = str(go.fileno())
+            pass_fds = (*fds, go.fileno())
         argv = [sys.executable, "-m", "scachefs", "--serve-fds",
                 ",".join(str(fd) for fd in fds), *self.daemon_args]
         # /proc/self/exe: our own interpreter, even where its path is not reachable for
         # the user we run as (argv[0] still names the venv's python, for its packages).
-        self.proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=fds, env=env,
-                                     stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=pass_fds,
+                                env=env, stdin=subprocess.DEVNULL)
         os.close(write_end)
         theirs.close()
+        return proc, read_end, ours
+
+    def _prepare_upgrade(self) -> None:
+        """Start the successor of an upgrade before the daemon stops serving, and wait
+        until it has loaded the code installed now (imports take most of a daemon's
+        start): the stall is then the handover and the takeover, not a Python start."""
+        ours, theirs = socket.socketpair()
+        standby = self._spawn("upgrade", theirs)
+        theirs.close()
+        ours.settimeout(STANDBY_TIMEOUT)
+        try:
+            loaded = ours.recv(1) == b"l"
+        except OSError:
+            loaded = False
+        if loaded:
+            ours.settimeout(None)
+            self._standby = (*standby, ours)
+            return
+        log.warning("the new daemon did not load within %.0f s: upgrading without a standby",
+                    STANDBY_TIMEOUT)
+        self._drop_standby((*standby, ours))
+
+    @staticmethod
+    def _drop_standby(standby: tuple[subprocess.Popen[bytes], int, socket.socket,
+                                     socket.socket]) -> None:
+        proc, read_end, keeper_end, go = standby
+        go.close()  # a standby that reads EOF instead of b"g" exits
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+        keeper_end.close()
+
+    def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
+        """Start a daemon on our descriptors (or let the upgrade's standby go) and wait
+        for it to end; its return code."""
+        self._daemon_ready = False
+        if self._standby is not None:
+            self.proc, read_end, ours, go = self._standby
+            self._standby = None
+            log.info("the new daemon, loaded beforehand, takes over")
+            try:
+                go.sendall(b"g")
+            except OSError:
+                pass  # it died: its return code says so below
+            go.close()
+        else:
+            self.proc, read_end, ours = self._spawn(cause)
         threading.Thread(target=self.kept.serve, args=(ours,), daemon=True,
                          name="keeper").start()
         waiter = threading.Thread(target=self._wait_ready, args=(read_end, ready),
@@ -249,6 +317,7 @@ class Holder:
             if self._upgrade and self._daemon_ready and self._stop is None:
                 self._upgrade = False
                 self._handing_over = True
+                self._prepare_upgrade()
                 log.info("upgrade requested: the daemon hands over")
                 self.proc.send_signal(signal.SIGUSR1)
             if self._stop is not None and not forwarded:
