@@ -10,8 +10,9 @@ serving daemon (:mod:`scachefs.daemon`) as its child with copies of them.
   restores the tables from the state and asks the kernel to resend what its
   predecessor left unanswered. VMs see a stall, not an error.
 - SIGHUP (``systemctl reload``, ``scachefs-stat --upgrade``): graceful upgrade.
-  The daemon stops reading requests, answers those in hand and exits; the holder
-  starts the new code installed on disk, which takes over.
+  The holder starts the new code installed on disk as a standby, which loads and
+  waits; then the daemon stops reading requests, answers those in hand and exits,
+  and the standby takes over.
 - SIGTERM/SIGINT: the daemon unmounts and exits; so does the holder. Except when
   systemd sends SIGTERM to restart the unit (`systemctl restart`: its job says so):
   then the daemon hands over, and the holder exits leaving the mount and its

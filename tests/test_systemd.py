@@ -147,6 +147,89 @@ def test_the_fd_store_gets_a_root_it_can_keep_and_a_partial_set_is_released(
         log.close()
 
 
+FAKE_SYSTEMCTL = """#!/bin/sh
+# systemctl list-jobs ... UNIT, as systemd 252 prints it during `systemctl restart UNIT`
+[ -e "{flag}" ] && echo "42 scachefs-test.service restart running"
+exit 0
+"""
+
+
+def test_a_systemd_restart_keeps_the_mount_for_the_next_holder(
+        store: Path, mnt: Path, tmp_path: Path) -> None:
+    """Item 8: `systemctl restart` sends the same SIGTERM as a stop; the holder asks for
+    the unit's job (systemctl list-jobs, faked here, as is the unit's cgroup) and, for a
+    restart, leaves the mount and the fd store to the next holder: a file held open keeps
+    working, nothing is unmounted and nothing removed from the fd store. A stop still
+    unmounts and empties the fd store."""
+    data = os.urandom(4 * MiB)
+    (store / "disk").write_bytes(data)
+    cgroup = Path("/sys/fs/cgroup/systemd/scachefs-test.service")
+    cgroup.mkdir(exist_ok=True)
+    flag = tmp_path / "restarting"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "systemctl").write_text(FAKE_SYSTEMCTL.format(flag=flag))
+    (bindir / "systemctl").chmod(0o755)
+    systemd = FakeSystemd(tmp_path / "notify")
+    env = dict(systemd.env(), PATH=f"{bindir}:{os.environ['PATH']}")
+    log = open(tmp_path / "holders.log", "ab")
+    command = ["-m", "scachefs", str(store), str(mnt), "-f", "-o", "allow_other"]
+    in_unit = f"echo $$ > {cgroup}/cgroup.procs && exec \"$@\""
+    first = subprocess.Popen(["sh", "-c", in_unit, "sh", sys.executable, *command], env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    second = None
+    held = -1
+    try:
+        assert systemd.receive("READY=1", 20), (tmp_path / "holders.log").read_text()
+        held = os.open(mnt / "disk", os.O_RDONLY)
+        assert os.pread(held, MiB, 0) == data[:MiB]
+        flag.touch()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+        text = (tmp_path / "holders.log").read_text()
+        assert "leaving the mount to the next holder" in text, text
+        assert not any("FDSTOREREMOVE" in m for m in systemd.messages), systemd.messages
+        assert mount_type(mnt) == (str(store), "fuse.scachefs"), "the restart unmounted"
+        names = sorted(systemd.store)
+        assert names == sorted(NAMES)
+        fds = [systemd.store[n][-1] for n in names]
+        second = subprocess.Popen(
+            ["sh", "-c", in_unit, "sh", sys.executable, "-c", LAUNCHER,
+             ",".join(map(str, fds)), ":".join(names), *command],
+            env=env, pass_fds=fds, stdout=log, stderr=subprocess.STDOUT)
+        assert systemd.receive("READY=1", 20), (tmp_path / "holders.log").read_text()
+        assert os.pread(held, MiB, 2 * MiB) == data[2 * MiB:3 * MiB]  # the VM never noticed
+        assert (mnt / "disk").read_bytes() == data
+        assert "took the mount back from systemd's fd store" in (
+            tmp_path / "holders.log").read_text()
+        assert sorted(systemd.store) == sorted(NAMES)
+        os.close(held)
+        held = -1
+        flag.unlink()  # now a stop
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+        assert systemd.receive("FDNAME=scachefs-arena", 10)
+        assert mount_type(mnt) is None
+    finally:
+        if held >= 0:
+            os.close(held)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        systemd.close()
+        log.close()
+        with open("/sys/fs/cgroup/systemd/cgroup.procs", "w") as root_procs:
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                try:
+                    root_procs.write(pid + "\n")
+                    root_procs.flush()
+                except OSError:
+                    pass
+        cgroup.rmdir()
+
+
 def test_a_live_scachefs_mount_is_not_mounted_over(store: Path, mnt: Path,
                                                    mount_factory: MountFactory) -> None:
     mount_factory(store, mnt, "allow_other")
