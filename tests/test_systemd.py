@@ -535,6 +535,19 @@ def test_units_under_systemd_as_pid1(tmp_path: Path) -> None:
                            "systemctl reload var-lib-scache.mount", figures)
         assert result["errors"] == 0, (result, box.journal("var-lib-scache.mount"))
         assert _mounts_at(box, "/var/lib/scache") == ["fuse.scachefs"]
+        # ------------------------------------------------------------------ restart=off
+        # One process under the service: READY=1 all the same, and a reload (SIGHUP)
+        # leaves the mount alone.
+        box.run("mkdir -p /var/lib/single && printf 'SCACHEFS_SOURCE=/srv/images\\n"
+                f"SCACHEFS_OPTIONS={OPTS},restart=off\\n' > /etc/scachefs/var/lib/single.conf")
+        box.run(["systemctl", "start", "scachefs@var-lib-single.service"], timeout=60)
+        box.run(["systemctl", "reload", "scachefs@var-lib-single.service"], timeout=60)
+        time.sleep(1)
+        assert box.run(["systemctl", "is-active", "scachefs@var-lib-single.service"],
+                       check=False).stdout.strip() == "active"
+        assert box.run(["cmp", "/var/lib/single/data", "/var/store-data/data"]).returncode == 0
+        box.run(["systemctl", "stop", "scachefs@var-lib-single.service"], timeout=60)
+        assert _mounts_at(box, "/var/lib/single") == []
         # ------------------------------------------------------------------ stop, busy
         tag = "stop-busy"
         reader = box.popen(["python3", "/root/reader.py", svc_path, "/var/store-data/data",
