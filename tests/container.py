@@ -113,8 +113,9 @@ def build_wheels(out: Path) -> list[Path]:
     """Wheels of this checkout (no deps) and of its dependencies, for an offline install."""
     out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out)]
+    # The checkout as a wheel (pip wheel --no-deps), then whatever it depends on.
     subprocess.run([*pip, "--no-deps", str(REPO)], check=True, capture_output=True)
-    subprocess.run([*pip, "trio>=0.24", "xxhash>=3.0"], check=True, capture_output=True)
+    subprocess.run([*pip, str(REPO)], check=True, capture_output=True)
     return sorted(out.glob("*.whl"))
 
 
