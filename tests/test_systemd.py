@@ -163,7 +163,11 @@ def test_a_systemd_restart_keeps_the_mount_for_the_next_holder(
     unmounts and empties the fd store."""
     data = os.urandom(4 * MiB)
     (store / "disk").write_bytes(data)
-    cgroup = Path("/sys/fs/cgroup/systemd/scachefs-test.service")
+    # The unit's cgroup, in systemd's hierarchy: v1 name=systemd where the host has it
+    # (this one does), else cgroup2.
+    hierarchy = next(Path(p) for p in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified",
+                                       "/sys/fs/cgroup") if Path(p, "cgroup.procs").exists())
+    cgroup = hierarchy / "scachefs-test.service"
     cgroup.mkdir(exist_ok=True)
     flag = tmp_path / "restarting"
     bindir = tmp_path / "bin"
@@ -220,7 +224,7 @@ def test_a_systemd_restart_keeps_the_mount_for_the_next_holder(
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
         systemd.close()
         log.close()
-        with open("/sys/fs/cgroup/systemd/cgroup.procs", "w") as root_procs:
+        with open(hierarchy / "cgroup.procs", "w") as root_procs:
             for pid in (cgroup / "cgroup.procs").read_text().split():
                 try:
                     root_procs.write(pid + "\n")
