@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # What the daemon, the demo and the tests need from Debian.
 APT_PACKAGES := fuse3 gcc python3-dev python3-venv \
 	qemu-utils qemu-system-x86 fio strace tmux util-linux e2fsprogs procps \
-	attr systemd man-db groff-base debootstrap busybox-static debian-archive-keyring \
+	attr systemd systemd-container man-db groff-base debootstrap busybox-static debian-archive-keyring \
 	iproute2 sshfs openssh-server openssh-client glusterfs-server glusterfs-client \
 	libvirt-daemon-system libvirt-clients
 # Where `make helpers` (part of setup) links this checkout's commands, as root.
