@@ -3,8 +3,8 @@
 `ensure_root()` builds (once, cached in CACHE_DIR/v{ROOT_VERSION}/) a Debian 12 minbase
 root with systemd, dbus, python3-venv and fuse3, made with debootstrap from the apt mirror
 this machine already uses. `Container` copies that root, installs scachefs into it
-(`install_scachefs`: a wheel of this checkout in a venv under /opt/scachefs, the commands
-on PATH, the mount helper at /sbin/mount.fuse.scachefs), boots it with
+(`install_scachefs`: `make install`'s scripts/install, with pip fed the wheels built here,
+as the container has no package index), boots it with
 `systemd-nspawn --boot --register=no --keep-unit --bind=/dev/fuse` and runs commands in
 it with nsenter. PID 1 of this machine is not systemd: the container's systemd is the
 only one there is.
@@ -110,39 +110,37 @@ def _build(work: Path, lock_fd: int, progress: Callable[[str], None]) -> None:
 
 
 def build_wheels(out: Path) -> list[Path]:
-    """Wheels of this checkout (no deps) and of its dependencies, for an offline install."""
+    """Wheels of what installing this checkout needs (its dependencies and the build
+    backend), for an install without a package index inside the container."""
     out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out)]
-    # The checkout as a wheel (pip wheel --no-deps), then whatever it depends on.
-    subprocess.run([*pip, "--no-deps", str(REPO)], check=True, capture_output=True)
     subprocess.run([*pip, str(REPO)], check=True, capture_output=True)
+    subprocess.run([*pip, "setuptools>=77"], check=True, capture_output=True)
     return sorted(out.glob("*.whl"))
 
 
 def install_scachefs(root: Path, wheels: Path) -> None:
-    """Install scachefs into the (not yet booted) root the way docs/install.md says.
-
-    A venv under /opt/scachefs with the wheel of this checkout, the commands on PATH
-    (/usr/local/bin), the mount(8) helper at /sbin/mount.fuse.scachefs. The one place to
-    change when the install becomes `make install`.
+    """Install scachefs into the (not yet booted) root the way docs/install.md says:
+    `make install` (scripts/install, which is what it runs; the minbase root has no
+    make): a wheel of this checkout in a venv under /opt/scachefs, the commands in
+    /usr/local/bin, the mount(8) helper at /sbin/mount.fuse.scachefs, the service
+    template in /usr/local/lib/systemd/system. pip finds everything in ``wheels``.
     """
+    src = root / "tmp/scachefs-src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache",
+        ".pytest_cache", "build", "dist"))
     shutil.copytree(wheels, root / "tmp/wheels")
-    chroot = ["chroot", str(root)]
-    subprocess.run([*chroot, "python3", "-m", "venv", "/opt/scachefs"], check=True,
-                   capture_output=True)
-    subprocess.run([*chroot, "sh", "-c", "/opt/scachefs/bin/pip install -q --no-index "
-                    "--find-links /tmp/wheels scachefs"], check=True, capture_output=True,
-                   env=dict(os.environ, PATH=_PATH))
-    for name in ("scachefs", "scachefs-stat", "scachefs-trace"):
-        link = root / "usr/local/bin" / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to(f"/opt/scachefs/bin/{name}")
-    helper = (REPO / "mount-helpers/mount.fuse.scachefs").read_text()
-    target = root / "sbin/mount.fuse.scachefs"
-    target.write_text(helper.replace("@SCACHEFS@", "/usr/local/bin/scachefs"))
-    target.chmod(0o755)
+    proc = subprocess.run(
+        ["chroot", str(root), "env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+         "/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "PIP_NO_INDEX=1",
+         "PIP_FIND_LINKS=/tmp/wheels", "PIP_DISABLE_PIP_VERSION_CHECK=1",
+         "bash", "/tmp/scachefs-src/scripts/install", "install"],
+        capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ContainerError(f"scripts/install failed ({proc.returncode}):\n{proc.stdout}"
+                             f"{proc.stderr}")
+    shutil.rmtree(src)
     shutil.rmtree(root / "tmp/wheels")
 
 
