@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # What the daemon, the demo and the tests need from Debian.
 APT_PACKAGES := fuse3 gcc python3-dev python3-venv \
 	qemu-utils qemu-system-x86 fio strace tmux util-linux e2fsprogs procps \
-	attr systemd man-db groff-base debootstrap busybox-static debian-archive-keyring \
+	attr systemd systemd-container man-db groff-base debootstrap busybox-static debian-archive-keyring \
 	iproute2 sshfs openssh-server openssh-client glusterfs-server glusterfs-client \
 	libvirt-daemon-system libvirt-clients
 # Where `make helpers` (part of setup) links this checkout's commands, as root.
@@ -20,7 +20,8 @@ INSTALL_VENV := /opt/scachefs
 UNITDIR := /usr/local/lib/systemd/system
 DOCDIR := /usr/local/share/doc/scachefs
 
-.PHONY: all setup apt venv helpers install uninstall demo test test-quick soak lint clean
+.PHONY: all setup apt venv helpers install uninstall demo test test-quick soak conformance lint \
+	clean
 
 all: test
 
@@ -100,6 +101,20 @@ test-quick: setup
 SOAK_SECONDS ?= 600
 soak: setup
 	SCACHEFS_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -v -s tests/test_stress.py tests/test_crash_model.py
+
+# Third-party conformance suites against real mounts (docs/reliability.md, "Conformance"):
+# pjdfstest, fsx and xfstests' generic quick group, about 35 minutes. The suites' pristine
+# tarballs come from SUITES (relative to this checkout); they are built once into
+# SUITES_CACHE with their own Debian build dependencies.
+SUITES ?= ../shared/suites
+SUITES_CACHE ?= /var/cache/scachefs-suites
+CONFORMANCE_APT_PACKAGES := autoconf automake libtool-bin make gcc gawk bc psmisc perl \
+	xfsprogs xfslibs-dev uuid-dev uuid-runtime libacl1-dev libattr1-dev libaio-dev \
+	liburing-dev libcap-dev libgdbm-dev libssl-dev acl attr quota fio dbench sqlite3 \
+	qemu-utils fuse3 fsverity acct
+conformance: setup
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(CONFORMANCE_APT_PACKAGES)"
+	$(PY) conformance/run.py --suites "$(SUITES)" --cache "$(SUITES_CACHE)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -13,15 +13,26 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import resource
+import signal
+import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from scachefs import __version__, daemon
+from scachefs import __version__
 from scachefs.fuse import mount as fuse_mount
-from scachefs.holder import RESTART_CAUSE_ENV, Holder, stored_fds
-from scachefs.options import MountOptions, OptionError, parse_options
+from scachefs.holder import RESTART_CAUSE_ENV, STANDBY_ENV, Holder, stored_fds
+from scachefs.options import MountOptions, OptionError, parse_options, split_option_string
+from scachefs.sdnotify import sd_notify
+
+if TYPE_CHECKING:
+    from scachefs import daemon
+# scachefs.daemon (trio and the whole file system: 0.3 s of imports) is imported where a
+# daemon runs, not in the holder: a takeover waits for the holder's start-up.
 
 log = logging.getLogger("scachefs")
 
@@ -69,10 +80,17 @@ mount options (-o name[=value],...):
                        files other images name as backing file; all: every file opened
                        read-only (for a mount over a base directory only, e.g. Nova's
                        instances/_base)
+  require_mount        refuse to start unless SOURCE is a mount point or lies below one
+                       other than / (a store that is not mounted yet is never served or
+                       written into; e.g. an NFS export mounted later in boot)
+  remount              (mount -o remount, systemctl reload of a .mount unit) upgrade the
+                       running daemon to the code installed now and apply ro/rw, noexec,
+                       nosuid, nodev, noatime...; other options cannot change on a live
+                       mount: they are refused with their names
   defaults, auto, noauto, nofail, _netdev, _rnetdev, user, users, owner, group,
   lazytime, iversion, mand, silent (and their no* forms), x-*, X-*, comment=*
                        fstab, systemd and disk file system options: accepted and
-                       ignored (remount and SELinux context= are refused)
+                       ignored (SELinux context= options are refused)
 
 examples:
   scachefs /srv/images /var/lib/scache -o allow_other,cache_size=2G
@@ -178,26 +196,130 @@ class MountError(Exception):
     """The mount could not be made; the message says why and what to do."""
 
 
-def _stat_mountpoint(mountpoint: str) -> os.stat_result:
-    """stat the mount point; a FUSE mount left dead there by a crash is detached first."""
-    try:
-        return os.stat(mountpoint)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-            raise
-    log.warning("%s is a dead mount (its daemon is gone): detaching it lazily", mountpoint)
+def _unescape(field: str) -> str:
+    """A path from /proc/self/mountinfo (spaces and the like are octal escapes)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fstype, source) of every mount, in mount order, from mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            found.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return found
+
+
+def _resolved(path: str) -> str:
+    """path with its parent's symlinks resolved, never looking at path itself (a FUSE
+    mount there may be one nobody serves: a stat would wait for good)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name) if name else parent
+
+
+def fuse_mount_at(mountpoint: str) -> str | None:
+    """The fstype of the topmost mount exactly at mountpoint if it is a FUSE mount."""
+    target = _resolved(mountpoint)
+    found = None
+    for point, fstype, _ in mounts():
+        if point == target:
+            found = fstype if fstype.split(".")[0] in ("fuse", "fuseblk") else None
+    return found
+
+
+PROBE_TIMEOUT = 2.0  # seconds a FUSE mount already there gets to answer a statfs
+
+
+def probe(mountpoint: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """"served", "dead" (ENOTCONN) or "unserved" (no answer): asked by a child process.
+
+    statfs always reaches the daemon (attributes may be cached, a statfs never is). The
+    request of a connection nobody serves waits killably in the kernel: the child is
+    killed, never this process.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.statvfs(mountpoint)
+            os._exit(0)
+        except OSError as exc:
+            os._exit(2 if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED) else 3)
+        except BaseException:
+            os._exit(3)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return {0: "served", 2: "dead"}.get(code, "error")
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "unserved"
+        time.sleep(0.01)
+
+
+def _clear_mountpoint(mountpoint: str) -> None:
+    """Deal with a FUSE mount already at mountpoint without ever waiting on it.
+
+    A dead scachefs mount (its daemon and holder gone) or one nobody serves (the
+    descriptors of a holder that died, not taken over) is detached lazily, so a new
+    mount can take its place; a live scachefs mount is an error (mount it once).
+    """
+    fstype = fuse_mount_at(mountpoint)
+    if fstype is None:
+        return
+    state = probe(mountpoint)
+    if state == "served":
+        if fstype == "fuse.scachefs":
+            raise MountError(f"MOUNTPOINT {mountpoint} already has a live scachefs mount "
+                             "(unmount it first: umount -l)")
+        return  # another file system's live mount (e.g. the store itself): mount over it
+    if fstype != "fuse.scachefs":
+        raise MountError(f"MOUNTPOINT {mountpoint} has a {fstype} mount that does not answer "
+                         f"({state}): unmount it first (umount -l)")
+    log.warning("%s is a %s scachefs mount (its daemon is gone): detaching it lazily; "
+                "files still open on it get ENOTCONN", mountpoint,
+                "dead" if state == "dead" else "stale, unserved")
     fuse_mount.unmount(mountpoint)
-    return os.stat(mountpoint)
 
 
-def _check_dirs(source: str, mountpoint: str) -> int:
-    """Open SOURCE before mounting (it may be hidden by the mount) and check MOUNTPOINT."""
+def check_store_mounted(source: str) -> None:
+    """require_mount: SOURCE must be a mount point or lie below one other than /."""
+    target = os.path.realpath(source)
+    best = "/"
+    for point, _, _ in mounts():
+        if (target == point or target.startswith(point.rstrip("/") + "/")) \
+                and len(point) > len(best):
+            best = point
+    if best == "/":
+        raise MountError(f"SOURCE {source} is not on a mounted file system of its own (it is "
+                         "on the root file system): the store is not mounted (yet); "
+                         "refusing to serve it (require_mount)")
+
+
+def open_root(source: str) -> int:
+    """The store's root directory, O_RDONLY: systemd's fd store refuses O_PATH descriptors
+    (it polls what it stores), and the holder keeps this one there."""
     try:
-        root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:  # searchable but not readable: fine outside the fd store
+        return os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _check_dirs(source: str, mountpoint: str, require_mount: bool = False) -> int:
+    """Open SOURCE before mounting (it may be hidden by the mount) and check MOUNTPOINT."""
+    _clear_mountpoint(mountpoint)
+    if require_mount:
+        check_store_mounted(source)
+    try:
+        root_fd = open_root(source)
     except OSError as exc:
         raise MountError(f"cannot open SOURCE {source}: {exc.strerror}") from None
     try:
-        st = _stat_mountpoint(mountpoint)
+        st = os.stat(mountpoint)
     except OSError as exc:
         os.close(root_fd)
         raise MountError(f"cannot use MOUNTPOINT {mountpoint}: {exc.strerror} "
@@ -251,7 +373,7 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
         holder = Holder(spec, stored["scachefs-root"], daemon_args, restart=True,
                         cache=(opts.chunk_size, opts.cache_budget()))
         return holder.run(ready, stored)
-    root_fd = _check_dirs(source, mountpoint)
+    root_fd = _check_dirs(source, mountpoint, opts.require_mount)
     os.set_inheritable(root_fd, True)
     try:
         if opts.restart == "on":
@@ -261,17 +383,32 @@ def run_mount(source: str, mountpoint: str, opts: MountOptions, debug: bool,
     except OSError as exc:
         raise MountError(f"mounting {source} on {mountpoint} failed: {exc.strerror or exc}"
                          ) from None
+
+    def ready_single() -> None:
+        ready()
+        sd_notify("READY=1")  # under systemd (Type=notify), as the holder does
+
+    # Without a holder there is nobody to upgrade to: SIGHUP (systemctl reload) must not
+    # kill the mount, as its default action would.
+    signal.signal(signal.SIGHUP, _sighup_without_holder)
+    from scachefs import daemon
     try:
         return _serve_daemon(source, mountpoint, opts,
-                             daemon.Descriptors(fd, root_fd), "mount", ready)
+                             daemon.Descriptors(fd, root_fd), "mount", ready_single)
     finally:
         fuse_mount.unmount(mountpoint, fd)
         os.close(fd)
         log.info("unmounted %s", mountpoint)
 
 
+def _sighup_without_holder(signum: int, frame: object) -> None:
+    log.warning("SIGHUP (reload/upgrade) ignored: with restart=off there is no holder to "
+                "hand the mount over to; mount with restart=on to upgrade without a stop")
+
+
 def _serve_daemon(source: str, mountpoint: str, opts: MountOptions, fds: daemon.Descriptors,
                   cause: str, ready: Callable[[], None]) -> int:
+    from scachefs import daemon
     try:
         return daemon.serve(source, mountpoint, opts, fds, cause, ready)
     except BaseException as exc:
@@ -306,14 +443,33 @@ def serve_with_fds(source: str, mountpoint: str, opts: MountOptions, spec: str,
             pass
 
     cause = os.environ.get(RESTART_CAUSE_ENV, "mount")
+    from scachefs import daemon
+    standby = os.environ.pop(STANDBY_ENV, None)
+    if standby is not None:  # an upgrade's successor: loaded; wait until it is our turn
+        with socket.socket(fileno=int(standby)) as go:
+            try:
+                go.sendall(b"l")
+                if go.recv(1) != b"g":
+                    return 0  # the upgrade was called off
+            except OSError:
+                return 0
     try:
-        return _serve_daemon(source, mountpoint, opts,
+        code = _serve_daemon(source, mountpoint, opts,
                              daemon.Descriptors(fuse_fd, root_fd, state_fd, ready_fd,
                                                 arena_fd, keeper_fd),
                              cause, ready)
     except MountError as exc:
         log.error("%s", exc)
         return 1
+    if code == daemon.EXIT_HANDOVER:
+        # The successor waits for this process to end, and VMs wait for the successor:
+        # skip the interpreter's teardown. Nothing is left to write (the state is
+        # consistent at every instant; every request in hand was answered).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 _DETACHED_ENV = "SCACHEFS_DETACHED"
@@ -427,11 +583,77 @@ def _detach_output() -> None:
         held[0].pass_on(root.handlers[0])  # what happened before the mount went live
 
 
+MS_REMOUNT = 32
+MS_BIND = 4096
+
+
+def remount(mountpoint: str, opts: MountOptions, timeout: float = 30.0) -> int:
+    """``-o remount`` (mount -o remount, systemctl reload of a .mount unit).
+
+    Applies what can change on a live mount: the generic flags (ro, noexec, nosuid,
+    nodev, noatime...), and an upgrade to the code installed now, as
+    ``scachefs-stat --upgrade`` does. scachefs's own options cannot change live: a
+    difference from the running daemon's is refused, with the options' names.
+    """
+    import ctypes
+    import dataclasses
+
+    from scachefs.stat import StatError, read_stats
+
+    if fuse_mount_at(mountpoint) != "fuse.scachefs":
+        raise MountError(f"remount: {mountpoint} is not a scachefs mount")
+    try:
+        doc = read_stats(mountpoint)
+        with open(f"/proc/{int(doc['pid'])}/cmdline", "rb") as cmdline:
+            argv = [a.decode(errors="surrogateescape") for a in cmdline.read().split(b"\0")]
+    except (StatError, OSError, KeyError, ValueError) as exc:
+        raise MountError(f"remount: cannot read the running daemon's options: {exc}"
+                         ) from None
+    argv = [a for a in argv if a]  # the NUL after the last argument
+    start = next((i + 1 for i, a in enumerate(argv) if os.path.basename(a) == "scachefs"), 1)
+    running = parse_options(build_parser().parse_args(argv[start:]).options)
+    old, new = dataclasses.asdict(running), dataclasses.asdict(opts)
+    changed = [name for name in old if name != "kernel_flags" and old[name] != new[name]]
+    if changed:
+        raise MountError(f"remount of {mountpoint}: {', '.join(changed)} cannot change on a "
+                         "live mount (the running mount keeps its values); unmount and "
+                         "mount again to change them")
+    spec = fuse_mount.MountSpec("", mountpoint, "scachefs", flags=opts.kernel_flags)
+    if opts.kernel_flags != running.kernel_flags:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = MS_REMOUNT | MS_BIND | spec.ms_flags()
+        if libc.mount(None, os.fsencode(mountpoint), None, ctypes.c_ulong(flags), None) != 0:
+            raise MountError(f"remount of {mountpoint}: {os.strerror(ctypes.get_errno())}")
+        log.info("remounted %s with %s", mountpoint, ",".join(opts.kernel_flags) or "rw")
+    if running.restart != "on":
+        log.warning("remount of %s: restart=off, so no upgrade to the code installed now",
+                    mountpoint)
+        return 0
+    # The upgrade as scachefs-stat --upgrade does it, but by signal: a read-only mount
+    # refuses the setxattr that asks for it.
+    with open(f"/proc/{int(doc['pid'])}/status", encoding="utf-8") as status:
+        holder = int(next(line.split()[1] for line in status if line.startswith("PPid:")))
+    os.kill(holder, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        with contextlib.suppress(StatError):
+            if read_stats(mountpoint).get("generation", 0) > doc.get("generation", 0):
+                log.info("remount of %s: upgraded to scachefs %s", mountpoint, __version__)
+                return 0
+    raise MountError(f"remount of {mountpoint}: no new daemon within {timeout:.0f} s; see "
+                     "the log")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    strings = [",".join(o for o in split_option_string(text) if o != "remount")
+               for text in args.options]
+    is_remount = not args.serve_fds and any(
+        "remount" in split_option_string(text) for text in args.options)
     try:
-        opts = parse_options(args.options)
+        opts = parse_options(strings)
     except OptionError as exc:
         print(f"scachefs: {exc}", file=sys.stderr)
         return 2
@@ -445,6 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint)
     _LOG_NAME[0] = mountpoint
+    if is_remount:
+        try:
+            return remount(mountpoint, opts)
+        except MountError as exc:
+            print(f"scachefs: {exc}", file=sys.stderr)
+            return 1
     if args.serve_fds:  # the daemon a holder started
         detach = bool(os.environ.get(_DETACHED_ENV))
         if detach:
@@ -459,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.foreground:
         try:
-            os.close(_check_dirs(source, mountpoint))  # fail fast, before forking
+            # fail fast, before forking
+            os.close(_check_dirs(source, mountpoint, opts.require_mount))
         except MountError as exc:
             print(f"scachefs: {exc}", file=sys.stderr)
             return 1

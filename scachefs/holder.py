@@ -10,9 +10,13 @@ serving daemon (:mod:`scachefs.daemon`) as its child with copies of them.
   restores the tables from the state and asks the kernel to resend what its
   predecessor left unanswered. VMs see a stall, not an error.
 - SIGHUP (``systemctl reload``, ``scachefs-stat --upgrade``): graceful upgrade.
-  The daemon stops reading requests, answers those in hand and exits; the holder
-  starts the new code installed on disk, which takes over.
-- SIGTERM/SIGINT: the daemon unmounts and exits; so does the holder.
+  The holder starts the new code installed on disk as a standby, which loads and
+  waits; then the daemon stops reading requests, answers those in hand and exits,
+  and the standby takes over.
+- SIGTERM/SIGINT: the daemon unmounts and exits; so does the holder. Except when
+  systemd sends SIGTERM to restart the unit (`systemctl restart`: its job says so):
+  then the daemon hands over, and the holder exits leaving the mount and its
+  descriptors in systemd's fd store, from which the next holder takes it over.
 - Where a takeover cannot work (a kernel without FUSE_NOTIFY_RESEND, state that
   cannot be trusted, ``restart=off``, a daemon that keeps crashing) the holder
   falls back to what happens without it: it lets the connection go, so clients
@@ -25,9 +29,11 @@ mount then lives until that daemon ends, and goes away cleanly (ENOTCONN) then.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,16 +41,17 @@ import time
 from collections.abc import Callable
 
 from scachefs import arena, keeper, state
-from scachefs.daemon import EXIT_HANDOVER, EXIT_STATE_LOST
 from scachefs.fuse import abi
 from scachefs.fuse import mount as fuse_mount
-from scachefs.sdnotify import sd_notify
+from scachefs.sdnotify import restart_pending, sd_notify
 
 log = logging.getLogger(__name__)
 
 CRASH_WINDOW = 60.0  # seconds: more than CRASH_LIMIT restarts in this window ...
 CRASH_LIMIT = 10  # ... means the daemon cannot run here: give up
 RESTART_CAUSE_ENV = "SCACHEFS_RESTART_CAUSE"
+STANDBY_ENV = "SCACHEFS_STANDBY_FD"  # an upgrade's successor waits on this socket
+STANDBY_TIMEOUT = 30.0  # seconds a standby may take to load its code
 
 
 def describe(returncode: int) -> str:
@@ -63,7 +70,9 @@ FDSTORE_NAMES = ("scachefs-fuse", "scachefs-root", "scachefs-state", "scachefs-a
 def stored_fds() -> dict[str, int] | None:
     """The descriptors systemd's fd store gave back to a restarted holder (LISTEN_FDS).
 
-    None unless all four are there (then the mount lives on: take it over).
+    None unless all four are there (then the mount lives on: take it over). A partial
+    set is of no use (a connection without its state cannot be taken over): it is closed
+    and removed from the fd store (FDSTOREREMOVE), never left there; so are extra copies.
     """
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
@@ -71,8 +80,28 @@ def stored_fds() -> dict[str, int] | None:
     names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(variable, None)
-    found = {name: 3 + i for i, name in enumerate(names[:count]) if name in FDSTORE_NAMES}
-    return found if set(found) == set(FDSTORE_NAMES) else None
+    given = {3 + i: (names[i] if i < len(names) else "") for i in range(count)}
+    found: dict[str, int] = {}
+    for fd, name in given.items():
+        if name in FDSTORE_NAMES:
+            found[name] = fd  # the last of each name: the newest
+    keep = set(found.values()) if set(found) == set(FDSTORE_NAMES) else set()
+    extra = [fd for fd in given if fd not in keep]
+    if extra:
+        if keep:
+            log.warning("systemd's fd store held %d descriptors more than the mount's four: "
+                        "dropping them", len(extra))
+        else:
+            log.warning("systemd's fd store gave back %s, not the mount's four descriptors: "
+                        "a partial set cannot be taken over; releasing it",
+                        ", ".join(sorted(set(given.values()))) or "nothing named")
+        for fd in extra:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # Removal goes by name (all copies); the holder stores the kept ones again.
+        for name in sorted({given[fd] for fd in extra if given[fd]}):
+            sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    return found if keep else None
 
 
 class Holder:
@@ -94,6 +123,11 @@ class Holder:
         self._ready_seen = False  # a daemon said the mount is live
         self._daemon_ready = False  # the current daemon serves and handles SIGUSR1
         self._crashes: list[float] = []
+        self._keep = False  # systemd restarts the unit: leave the mount to the next holder
+        # An upgrade's successor, loaded and waiting for the daemon to hand over:
+        # (process, ready pipe, keeper end, its go socket).
+        self._standby: tuple[subprocess.Popen[bytes], int, socket.socket,
+                             socket.socket] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.kept = keeper.Kept()  # copies of the daemons' open files (see keeper.py)
 
@@ -128,6 +162,8 @@ class Holder:
                     raise OSError(0, f"the daemon {describe(returncode)} before the mount "
                                      "was live (its log says why)")
                 first = False
+                # Imported now, not at start-up: the daemon is running meanwhile.
+                from scachefs.daemon import EXIT_HANDOVER
                 if returncode == 0 or not fuse_mount.connection_alive(self.fuse_fd):
                     break  # unmounted
                 if self._stop is not None:
@@ -147,18 +183,27 @@ class Holder:
                 log.warning("the daemon %s; starting a successor that takes over the mount",
                             describe(returncode))
         finally:
-            fuse_mount.unmount(self.spec.mountpoint, self.fuse_fd)
+            if self._standby is not None:
+                self._drop_standby(self._standby)
+                self._standby = None
+            if self._keep and fuse_mount.connection_alive(self.fuse_fd):
+                log.info("left %s mounted for the next holder", self.spec.mountpoint)
+            else:
+                self._keep = False
+                fuse_mount.unmount(self.spec.mountpoint, self.fuse_fd)
             os.close(self.fuse_fd)
             os.close(self.state_fd)
             os.close(self.arena_fd)
             self.kept.close()
-            for name in FDSTORE_NAMES:
-                sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-            log.info("unmounted %s", self.spec.mountpoint)
+            if not self._keep:
+                for name in FDSTORE_NAMES:
+                    sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+                log.info("unmounted %s", self.spec.mountpoint)
         return code
 
     def _why_not_restart(self, returncode: int) -> str | None:
         """None if a successor can take over the connection, else why not."""
+        from scachefs.daemon import EXIT_STATE_LOST
         if not self.restart:
             return "restart=off"
         if returncode == EXIT_STATE_LOST:
@@ -181,23 +226,81 @@ class Holder:
             return f"it crashed {len(self._crashes)} times within {CRASH_WINDOW:.0f} s"
         return None
 
-    def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
-        """Start a daemon on our descriptors and wait for it to end; its return code."""
+    def _spawn(self, cause: str, go: socket.socket | None = None
+               ) -> tuple[subprocess.Popen[bytes], int, socket.socket]:
+        """Start a daemon on our descriptors: (process, its ready pipe, our keeper end).
+
+        With ``go``, a standby: it loads its code, says so (b"l") and waits for b"g"
+        before it touches the connection or the state.
+        """
         read_end, write_end = os.pipe()
-        self._daemon_ready = False
         ours, theirs = keeper.pair()
         fds = (self.fuse_fd, self.root_fd, self.state_fd, write_end, self.arena_fd,
                theirs.fileno())
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[RESTART_CAUSE_ENV] = cause
+        pass_fds: tuple[int, ...] = fds
+        if go is not None:
+            env[STANDBY_ENV] = str(go.fileno())
+            pass_fds = (*fds, go.fileno())
         argv = [sys.executable, "-m", "scachefs", "--serve-fds",
                 ",".join(str(fd) for fd in fds), *self.daemon_args]
         # /proc/self/exe: our own interpreter, even where its path is not reachable for
         # the user we run as (argv[0] still names the venv's python, for its packages).
-        self.proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=fds, env=env,
-                                     stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, executable="/proc/self/exe", pass_fds=pass_fds,
+                                env=env, stdin=subprocess.DEVNULL)
         os.close(write_end)
         theirs.close()
+        return proc, read_end, ours
+
+    def _prepare_upgrade(self) -> None:
+        """Start the successor of an upgrade before the daemon stops serving, and wait
+        until it has loaded the code installed now (imports take most of a daemon's
+        start): the stall is then the handover and the takeover, not a Python start."""
+        ours, theirs = socket.socketpair()
+        standby = self._spawn("upgrade", theirs)
+        theirs.close()
+        ours.settimeout(STANDBY_TIMEOUT)
+        try:
+            loaded = ours.recv(1) == b"l"
+        except OSError:
+            loaded = False
+        if loaded:
+            ours.settimeout(None)
+            self._standby = (*standby, ours)
+            return
+        log.warning("the new daemon did not load within %.0f s: upgrading without a standby",
+                    STANDBY_TIMEOUT)
+        self._drop_standby((*standby, ours))
+
+    @staticmethod
+    def _drop_standby(standby: tuple[subprocess.Popen[bytes], int, socket.socket,
+                                     socket.socket]) -> None:
+        proc, read_end, keeper_end, go = standby
+        go.close()  # a standby that reads EOF instead of b"g" exits
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+        keeper_end.close()
+
+    def _run_daemon(self, cause: str, ready: Callable[[], None] | None) -> int:
+        """Start a daemon on our descriptors (or let the upgrade's standby go) and wait
+        for it to end; its return code."""
+        self._daemon_ready = False
+        if self._standby is not None:
+            self.proc, read_end, ours, go = self._standby
+            self._standby = None
+            log.info("the new daemon, loaded beforehand, takes over")
+            try:
+                go.sendall(b"g")
+            except OSError:
+                pass  # it died: its return code says so below
+            go.close()
+        else:
+            self.proc, read_end, ours = self._spawn(cause)
         threading.Thread(target=self.kept.serve, args=(ours,), daemon=True,
                          name="keeper").start()
         waiter = threading.Thread(target=self._wait_ready, args=(read_end, ready),
@@ -215,12 +318,24 @@ class Holder:
             if self._upgrade and self._daemon_ready and self._stop is None:
                 self._upgrade = False
                 self._handing_over = True
+                self._prepare_upgrade()
                 log.info("upgrade requested: the daemon hands over")
                 self.proc.send_signal(signal.SIGUSR1)
             if self._stop is not None and not forwarded:
                 forwarded = True
-                sd_notify("STOPPING=1")
-                self.proc.send_signal(signal.SIGTERM)
+                if self._stop == signal.SIGTERM and restart_pending():
+                    # `systemctl restart`: the next holder takes the mount over from the
+                    # fd store, so open files keep working (a stall, not an unmount).
+                    self._keep = True
+                    log.info("systemd restarts the unit: leaving the mount to the next "
+                             "holder (fd store)")
+                    if self._daemon_ready:
+                        self.proc.send_signal(signal.SIGUSR1)  # finish what is in hand
+                    else:
+                        self.proc.kill()
+                else:
+                    sd_notify("STOPPING=1")
+                    self.proc.send_signal(signal.SIGTERM)
 
     def _wait_ready(self, fd: int, ready: Callable[[], None] | None) -> None:
         with os.fdopen(fd, "rb") as pipe:

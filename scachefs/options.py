@@ -76,6 +76,7 @@ class MountOptions:
     passthrough: str = "auto"  # auto: the kernel does plain files' I/O if it can; on; off
     layers: str = "auto"  # auto: files other images name as backing; all: every read-only file
     restart: str = "on"  # on: a holder restarts a dead daemon, which takes over the mount
+    require_mount: bool = False  # refuse a SOURCE that is not (below) a mount other than /
 
     def cache_budget(self) -> int:
         """The cache budget in bytes: the option, or a quarter of physical RAM."""
@@ -170,6 +171,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 raise OptionError(f"option {name}: {REFUSED_OPTIONS[name]}")
             if name == "allow_other" and not sep:
                 opts.allow_other = True
+            elif name == "require_mount" and not sep:
+                opts.require_mount = True
             elif name == "default_permissions" and not sep:
                 pass  # always on: the kernel checks permissions against the store's modes
             elif not sep:
