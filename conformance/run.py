@@ -357,10 +357,33 @@ def tail(path: Path, n: int = 6) -> str:
 
 # ---------------------------------------------------------------- xfstests
 
+STORE_SIZE = "4G"  # the xfstests store's own file system (see run_xfstests)
+
+
 def run_xfstests(xfs: Path, work: Path) -> Result:
     result = Result("xfstests")
-    for d in ("test.src", "test.mnt", "scratch.src", "scratch.mnt", "results"):
+    # The test and scratch sources live on an ext4 of their own (a sparse image on a
+    # loop device, in our private mount namespace): tests that fill their file system
+    # then fill this one, not the machine's root (seen: ENOSPC in later tests' logs).
+    image, store = work / "store.img", work / "store"
+    store.mkdir()
+    subprocess.run(["truncate", "-s", STORE_SIZE, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(store)], check=True)
+    store.chmod(0o755)
+    try:
+        return _run_xfstests(xfs, work, store, result)
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False, capture_output=True)
+        image.unlink()
+
+
+def _run_xfstests(xfs: Path, work: Path, store: Path, result: Result) -> Result:
+    for d in ("test.mnt", "scratch.mnt", "results"):
         (work / d).mkdir()
+    for d in ("test.src", "scratch.src"):
+        (store / d).mkdir()
+        (store / d).chmod(0o755)
     # Each mount logs to a file: a daemon's stderr would land in the tests' output.
     # (dev,suid would not help: mount(8) drops them before it calls the helper.)
     common = "allow_other,cache_size=256M"
@@ -368,9 +391,9 @@ def run_xfstests(xfs: Path, work: Path) -> Result:
     config.write_text(f"""\
 export FSTYP=fuse
 export FUSE_SUBTYP=.scachefs
-export TEST_DEV={work}/test.src
+export TEST_DEV={store}/test.src
 export TEST_DIR={work}/test.mnt
-export SCRATCH_DEV={work}/scratch.src
+export SCRATCH_DEV={store}/scratch.src
 export SCRATCH_MNT={work}/scratch.mnt
 export TEST_FS_MOUNT_OPTS="-o {common},log_file={work}/test-scachefs.log"
 export MOUNT_OPTIONS="-o {common},log_file={work}/scratch-scachefs.log"

@@ -688,18 +688,15 @@ class ScacheFS(Passthrough):
         }
 
     async def getxattr(self, nodeid: int, name: bytes, req: Request) -> bytes:
+        # The statistics and the command are names the root answers, not attributes it
+        # has: listxattr shows the store's own (`getfattr -d` and copies of the mount's
+        # root see what the store has, nothing more).
         if nodeid == ROOT_INODE and name == control.STATS_XATTR:
             # Layer paths may sit in directories the caller cannot list: only root
             # and the mount's owner see them.
             return control.encode_stats(self.stats_document(),
                                         paths=control.may_act(req.uid, self.owner_uid))
         return await super().getxattr(nodeid, name, req)
-
-    async def listxattr(self, nodeid: int, req: Request) -> list[bytes]:
-        names = await super().listxattr(nodeid, req)
-        if nodeid == ROOT_INODE:
-            names.append(control.STATS_XATTR)
-        return names
 
     async def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
                        req: Request) -> None:
