@@ -420,6 +420,20 @@ export MOUNT_OPTIONS="-o {common},log_file={work}/scratch-scachefs.log"
 
 # ---------------------------------------------------------------- main
 
+def detach_foreign_fuse_mounts() -> None:
+    """Lazily unmount, in our private namespace only, the FUSE mounts it copied.
+
+    Our copies would keep other programs' FUSE superblocks alive after they unmount
+    them (their daemons would then never see the end of their connection), and a stat
+    of a copy whose daemon hangs hangs too (xfstests runs df, which stats every mount)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        if fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk")):
+            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default=str(CHECKOUT.parent / "shared" / "suites"))
@@ -442,6 +456,7 @@ def main() -> int:
         os.environ["SCACHEFS_CONFORMANCE_NS"] = "1"
         os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--",
                               sys.executable, *sys.argv])
+    detach_foreign_fuse_mounts()
     t0 = time.monotonic()
     suites = Path(args.suites).resolve()
     built = subprocess.run([str(HERE / "build.sh"), str(suites), args.cache],
