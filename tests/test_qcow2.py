@@ -17,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scachefs.qcow2 import HEADER_PROBE_SIZE, ImageFormatError, ImageInfo, read_image_info
+from tests.mounting import require_tool
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+# qemu-img writes the reference images: make setup installs it; without it every test
+# here fails loudly (tests.mounting.require_tool), never skips.
+require_tool("qemu-img")
 
 # The brief's hard cap on bytes read per probe: the first cluster plus a name.
 READ_CAP = 2 * 1024 * 1024 + 1023
